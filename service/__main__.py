@@ -1,0 +1,53 @@
+"""`python -m service`: serve voicechat.v1 until SIGINT/SIGTERM, then drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from service.backends.base import BackendLoadError
+from service.config import parse_args
+from service.server import VoiceChatServer
+
+log = logging.getLogger("service")
+
+
+async def serve(argv: Sequence[str] | None = None) -> int:
+    settings = parse_args(argv)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    log.info("%r", settings)
+    server = VoiceChatServer(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        start = asyncio.create_task(server.start())
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait({start, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if start.done():
+            port = start.result()
+            print(f"voicechat serving on {settings.host}:{port}", flush=True)  # noqa: T201 - for scripts
+            await stopped
+        else:
+            start.cancel()
+    except BackendLoadError as exc:
+        log.error("cannot start: %s", exc)
+        await server.stop(0)
+        return 2
+    log.info("signal received: draining for up to %.0f s", settings.drain_seconds)
+    await server.stop()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    sys.exit(asyncio.run(serve(argv)))
+
+
+if __name__ == "__main__":
+    main()

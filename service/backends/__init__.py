@@ -1,0 +1,30 @@
+"""Model backends behind one interface (`service.backends.base.Backend`)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from service.backends.base import Backend, BackendLoadError
+
+if TYPE_CHECKING:
+    from service.config import Settings
+
+__all__ = ["Backend", "BackendLoadError", "create_backend"]
+
+
+def create_backend(settings: Settings) -> Backend:
+    """The backend named by `settings.backend` (not loaded yet)."""
+    if settings.backend == "scripted":
+        from service.backends.scripted import ScriptedBackend
+
+        return ScriptedBackend(
+            step_ms=settings.scripted_step_ms,
+            prefill_ms=settings.scripted_prefill_ms,
+            decode_ms=settings.scripted_decode_ms,
+        )
+    if settings.backend == "lfm2":
+        # torch and liquid-audio are imported only when this backend is chosen
+        from service.backends.lfm2 import LFM2Backend
+
+        return LFM2Backend(model=settings.model, revision=settings.revision or None, device=settings.device)
+    raise BackendLoadError(f"unknown backend {settings.backend!r}: choose lfm2 or scripted")

@@ -1,0 +1,180 @@
+"""Session options: validation of the client's config and its effective values.
+
+This is the one place that knows the allowed ranges of every configurable
+field; error messages name the field (as a proto path) and the range, because
+clients in any language read them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from service.backends.base import Sampling
+from service.config import Settings
+from service.errors import InvalidArgument
+from voicechat.v1 import voicechat_pb2 as pb
+
+INPUT_SAMPLE_RATES = (16_000, 24_000, 48_000)
+
+
+@dataclass(frozen=True)
+class TurnOptions:
+    """Turn detection settings (mirror of voicechat.v1.TurnDetection)."""
+
+    mode: str = "server_vad"  # "server_vad" | "manual"
+    threshold: float = 0.5
+    prefix_padding_ms: int = 300
+    silence_duration_ms: int = 500
+    interrupt_response: bool = True
+    min_interrupt_speech_ms: int = 200
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """Everything a session needs from its SessionConfig, defaults filled in."""
+
+    input_sample_rate_hz: int
+    system_prompt: str
+    sampling: Sampling
+    turn: TurnOptions
+    chunk_ms: int
+    first_chunk_frames: int
+    max_stride_frames: int
+    trace: bool
+    client_label: str = ""
+
+
+def _check_range(value: float, low: float, high: float, field: str) -> None:
+    if isinstance(value, float) and not math.isfinite(value) or not low <= value <= high:
+        raise InvalidArgument(f"{field} must be between {low:g} and {high:g}, got {value:g}", field)
+
+
+def resolve_sampling(base: Sampling, msg: pb.SamplingParams, max_new_tokens: int, field: str) -> Sampling:
+    """`base` with the fields set in `msg` applied, validated."""
+    changes: dict[str, float | int] = {}
+    for name, low, high in (
+        ("text_temperature", 0.0, 2.0),
+        ("text_top_k", 0, 1000),
+        ("audio_temperature", 0.0, 2.0),
+        ("audio_top_k", 0, 2048),
+        ("max_new_tokens", 1, max_new_tokens),
+    ):
+        if msg.HasField(name):
+            value = getattr(msg, name)
+            _check_range(value, low, high, f"{field}.{name}")
+            changes[name] = value
+    return dataclasses.replace(base, **changes)
+
+
+def resolve_turn(base: TurnOptions, msg: pb.TurnDetection, field: str) -> TurnOptions:
+    changes: dict[str, object] = {}
+    if msg.mode == pb.TURN_DETECTION_MODE_MANUAL:
+        changes["mode"] = "manual"
+    elif msg.mode == pb.TURN_DETECTION_MODE_SERVER_VAD:
+        changes["mode"] = "server_vad"
+    elif msg.mode != pb.TURN_DETECTION_MODE_UNSPECIFIED:
+        raise InvalidArgument(f"{field}.mode {msg.mode} is not a TurnDetectionMode", f"{field}.mode")
+    for name, low, high in (
+        ("threshold", 0.05, 0.95),
+        ("prefix_padding_ms", 0, 2000),
+        ("silence_duration_ms", 100, 5000),
+        ("min_interrupt_speech_ms", 0, 2000),
+    ):
+        if msg.HasField(name):
+            value = getattr(msg, name)
+            _check_range(value, low, high, f"{field}.{name}")
+            changes[name] = value
+    if msg.HasField("interrupt_response"):
+        changes["interrupt_response"] = msg.interrupt_response
+    return dataclasses.replace(base, **changes)
+
+
+def resolve_options(
+    msg: pb.SessionConfig, settings: Settings, default_sampling: Sampling, default_prompt: str, trace: bool
+) -> SessionOptions:
+    """Validate a SessionConfig and fill in the defaults."""
+    rate = msg.input_sample_rate_hz or 16_000
+    if rate not in INPUT_SAMPLE_RATES:
+        raise InvalidArgument(
+            f"config.input_sample_rate_hz must be one of {', '.join(map(str, INPUT_SAMPLE_RATES))}, got {rate}",
+            "config.input_sample_rate_hz",
+        )
+    if len(msg.system_prompt) > settings.max_text_chars:
+        raise InvalidArgument(
+            f"config.system_prompt is longer than {settings.max_text_chars} characters", "config.system_prompt"
+        )
+    if len(msg.client_label) > 64:
+        raise InvalidArgument("config.client_label is longer than 64 characters", "config.client_label")
+    out = msg.output_audio
+    chunk_ms = out.chunk_ms or settings.chunk_ms
+    first = out.first_chunk_frames or settings.first_chunk_frames
+    stride = out.max_stride_frames or settings.max_stride_frames
+    _check_range(chunk_ms, 20, 100, "config.output_audio.chunk_ms")
+    _check_range(first, 1, 16, "config.output_audio.first_chunk_frames")
+    _check_range(stride, 1, 64, "config.output_audio.max_stride_frames")
+    base_sampling = dataclasses.replace(default_sampling, max_new_tokens=settings.default_max_new_tokens)
+    return SessionOptions(
+        input_sample_rate_hz=rate,
+        system_prompt=msg.system_prompt or default_prompt,
+        sampling=resolve_sampling(base_sampling, msg.sampling, settings.max_new_tokens, "config.sampling"),
+        turn=resolve_turn(TurnOptions(), msg.turn_detection, "config.turn_detection"),
+        chunk_ms=chunk_ms,
+        first_chunk_frames=min(first, stride),
+        max_stride_frames=stride,
+        trace=msg.trace or trace or settings.trace_all,
+        client_label=msg.client_label,
+    )
+
+
+def apply_update(options: SessionOptions, msg: pb.UpdateConfig, settings: Settings) -> SessionOptions:
+    """Options after an UpdateConfig (only set fields change)."""
+    return dataclasses.replace(
+        options,
+        sampling=resolve_sampling(options.sampling, msg.sampling, settings.max_new_tokens, "update_config.sampling"),
+        turn=resolve_turn(options.turn, msg.turn_detection, "update_config.turn_detection"),
+        trace=msg.trace if msg.HasField("trace") else options.trace,
+    )
+
+
+def options_to_proto(options: SessionOptions) -> pb.SessionConfig:
+    s, t = options.sampling, options.turn
+    mode = pb.TURN_DETECTION_MODE_MANUAL if t.mode == "manual" else pb.TURN_DETECTION_MODE_SERVER_VAD
+    return pb.SessionConfig(
+        input_sample_rate_hz=options.input_sample_rate_hz,
+        system_prompt=options.system_prompt,
+        sampling=pb.SamplingParams(
+            text_temperature=s.text_temperature,
+            text_top_k=s.text_top_k,
+            audio_temperature=s.audio_temperature,
+            audio_top_k=s.audio_top_k,
+            max_new_tokens=s.max_new_tokens,
+        ),
+        turn_detection=pb.TurnDetection(
+            mode=mode,
+            threshold=t.threshold,
+            prefix_padding_ms=t.prefix_padding_ms,
+            silence_duration_ms=t.silence_duration_ms,
+            interrupt_response=t.interrupt_response,
+            min_interrupt_speech_ms=t.min_interrupt_speech_ms,
+        ),
+        output_audio=pb.OutputAudioConfig(
+            chunk_ms=options.chunk_ms,
+            first_chunk_frames=options.first_chunk_frames,
+            max_stride_frames=options.max_stride_frames,
+        ),
+        trace=options.trace,
+        client_label=options.client_label,
+    )
+
+
+def limits_to_proto(settings: Settings) -> pb.SessionLimits:
+    return pb.SessionLimits(
+        max_session_seconds=settings.max_session_seconds,
+        max_turn_ms=settings.max_turn_ms,
+        max_message_bytes=settings.max_message_bytes,
+        max_text_chars=settings.max_text_chars,
+        idle_timeout_seconds=settings.idle_timeout_seconds,
+        max_new_tokens=settings.max_new_tokens,
+    )

@@ -1,0 +1,228 @@
+"""The grpc.aio server: servicer, health, reflection, auth, keepalive, drain.
+
+`VoiceChatServer` is the one factory used by `python -m service`, the tests
+and the Modal deployment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+from grpc_reflection.v1alpha._async import ReflectionServicer
+
+from service.backends import Backend, create_backend
+from service.config import Settings
+from service.pipeline import Executors
+from service.servicer import Admission, VoiceChatServicer
+from service.session import Runtime
+from voicechat.v1 import voicechat_pb2 as pb
+from voicechat.v1 import voicechat_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["VoiceChatService"].full_name
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+_OPEN_PREFIXES = (f"/{HEALTH_SERVICE}/", f"/{REFLECTION_V1}/", f"/{reflection.SERVICE_NAME}/")
+
+
+def _register_reflection_v1() -> None:
+    """Make `grpc.reflection.v1` describable: it is the v1alpha file renamed.
+
+    grpcio-reflection implements only v1alpha; v1 has the same messages, so the
+    v1alpha servicer answers both (newer grpcurl and buf curl ask for v1)."""
+    pool = descriptor_pool.Default()
+    try:
+        pool.FindServiceByName(REFLECTION_V1)
+        return
+    except KeyError:
+        pass
+    proto = descriptor_pb2.FileDescriptorProto()
+    reflection_pb2.DESCRIPTOR.CopyToProto(proto)
+    proto.name = "grpc/reflection/v1/reflection.proto"
+    proto.package = "grpc.reflection.v1"
+    for message in proto.message_type:
+        for fld in message.field:
+            if fld.type_name:
+                fld.type_name = fld.type_name.replace(".grpc.reflection.v1alpha.", ".grpc.reflection.v1.")
+    for method in proto.service[0].method:
+        method.input_type = method.input_type.replace("v1alpha", "v1")
+        method.output_type = method.output_type.replace("v1alpha", "v1")
+    pool.Add(proto)
+
+
+def _add_reflection(server: grpc.aio.Server) -> None:
+    _register_reflection_v1()
+    names = (SERVICE_NAME, HEALTH_SERVICE, reflection.SERVICE_NAME, REFLECTION_V1)
+    servicer = ReflectionServicer(names)
+    for service in (reflection.SERVICE_NAME, REFLECTION_V1):
+        handler = grpc.stream_stream_rpc_method_handler(
+            servicer.ServerReflectionInfo,
+            request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+        )
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(service, {"ServerReflectionInfo": handler}),)
+        )
+
+
+class BearerAuth(grpc.aio.ServerInterceptor):
+    """Requires `authorization: Bearer <token>`, compared in constant time."""
+
+    def __init__(self, token: str, exempt_open: bool) -> None:
+        self._expected = f"Bearer {token}".encode()
+        self._exempt_open = exempt_open
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or (self._exempt_open and details.method.startswith(_OPEN_PREFIXES)):
+            return handler
+        metadata = dict(details.invocation_metadata or ())
+        given = str(metadata.get("authorization", "")).encode()
+        if hmac.compare_digest(given, self._expected):
+            return handler
+        return _refusing(handler, "missing or wrong bearer token (metadata `authorization: Bearer <token>`)")
+
+
+def _refusing(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    kwargs = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(refuse, **kwargs)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(refuse, **kwargs)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(refuse, **kwargs)
+    return grpc.unary_unary_rpc_method_handler(refuse, **kwargs)
+
+
+def grpc_options(settings: Settings) -> list[tuple[str, int]]:
+    """Channel arguments: message sizes and a keepalive policy for long streams.
+
+    The server pings idle connections every `keepalive_seconds` (so proxies and
+    NATs keep them open and dead peers are noticed) and accepts client pings
+    as often as every 10 s, even without calls, so clients may keep their own
+    keepalive without being disconnected for "too many pings"."""
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", 64 << 20),
+        ("grpc.keepalive_time_ms", settings.keepalive_seconds * 1000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+class VoiceChatServer:
+    """Builds, starts, drains and stops one server."""
+
+    def __init__(self, settings: Settings, backend: Backend | None = None) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.port = 0
+        self.health = health.aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self._servicer: VoiceChatServicer | None = None
+        self._executors: Executors | None = None
+
+    @property
+    def servicer(self) -> VoiceChatServicer:
+        assert self._servicer is not None, "start() first"
+        return self._servicer
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def start(self) -> int:
+        """Listen, then load and warm the model; health is SERVING only after.
+
+        Calls that arrive while the model loads get UNAVAILABLE. Raises the
+        backend's error (health stays NOT_SERVING) when the model cannot load.
+        Returns the bound port."""
+        settings = self.settings
+        backend = self.backend or create_backend(settings)
+        self.backend = backend
+        workers = settings.max_sessions + 4
+        self._executors = Executors(
+            generate=ThreadPoolExecutor(workers, thread_name_prefix="generate"),
+            decode=ThreadPoolExecutor(max(4, workers // 2), thread_name_prefix="decode"),
+        )
+        runtime = Runtime(settings, backend, self._executors)
+        admission = Admission(settings.max_sessions)
+        self._servicer = VoiceChatServicer(runtime, admission)
+        interceptors = [BearerAuth(settings.auth_token, settings.auth_exempt_health)] if settings.auth_token else []
+        server = grpc.aio.server(interceptors=interceptors, options=grpc_options(settings))
+        pb_grpc.add_VoiceChatServiceServicer_to_server(self._servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        _add_reflection(server)
+        address = f"{settings.host}:{settings.port}"
+        if settings.tls_cert or settings.tls_key:
+            credentials = grpc.ssl_server_credentials(
+                [(Path(settings.tls_key).read_bytes(), Path(settings.tls_cert).read_bytes())]
+            )
+            self.port = server.add_secure_port(address, credentials)
+        else:
+            self.port = server.add_insecure_port(address)
+        self._server = server
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.start()
+        log.info("listening on %s:%d (backend %s)", settings.host, self.port, backend.name)
+        started = time.monotonic()
+        await asyncio.to_thread(backend.load)
+        if settings.warmup:
+            await asyncio.to_thread(backend.warmup)
+        admission.ready = True
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("model %s ready in %.1f s: SERVING", backend.model_id, time.monotonic() - started)
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: NOT_SERVING, refuse new calls, let in-flight responses end
+        within `grace` seconds (default `drain_seconds`), then stop."""
+        grace = self.settings.drain_seconds if grace is None else grace
+        if self._server is None:
+            return
+        servicer = self._servicer
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if servicer is not None:
+            servicer.admission.draining = True
+            for session in list(servicer.sessions):
+                session.drain(grace)
+            deadline = time.monotonic() + grace
+            while servicer.sessions and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+        await self._server.stop(0)
+        self._server = None
+        if self._executors is not None:
+            self._executors.generate.shutdown(wait=False, cancel_futures=True)
+            self._executors.decode.shutdown(wait=False, cancel_futures=True)
+        if self.backend is not None:
+            self.backend.close()
+        log.info("server stopped")
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
