@@ -1,0 +1,97 @@
+# voicechat: LFM2-Audio voice chat over gRPC.
+#   make run     set up and serve the real model locally (needs the weights: make download)
+#   make demo    serve the deterministic backend and hold one turn with the file client
+#   make test    set up everything and run the test suite
+#   make check   lint (ruff, mypy, buf) and stub drift
+#   make bench   quick latency benchmark, tuned pipeline vs the old baseline
+
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PORT ?= 50051
+ARGS ?=
+STAMP := $(VENV)/.installed
+PROTO := proto/voicechat/v1/voicechat.proto
+STUBS := voicechat/v1/voicechat_pb2.py voicechat/v1/voicechat_pb2_grpc.py voicechat/v1/voicechat_pb2.pyi
+
+.PHONY: help venv system-deps node-deps proto run serve-scripted demo download test check bench \
+        deploy modal-download modal-url tiny-model clean
+
+help:
+	@sed -n 's/^#   //p' Makefile
+
+# -- set-up -----------------------------------------------------------------------
+$(STAMP): pyproject.toml
+	@PY312=$$(scripts/find_python.sh) || exit 1; \
+	  [ -x $(PY) ] || { echo "creating $(VENV) with $$PY312"; $$PY312 -m venv $(VENV); }
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[model,client,deploy,dev]'
+	@touch $@
+
+venv: $(STAMP)
+
+system-deps:
+	@scripts/system_deps.sh
+
+node_modules/.bin/buf: package.json
+	npm install --no-audit --no-fund --silent
+	@touch $@
+
+node-deps: node_modules/.bin/buf
+
+# The stubs are committed; `make proto` regenerates them and `make check` fails
+# when they drift from the .proto.
+proto: $(STAMP)
+	$(PY) -m grpc_tools.protoc -I proto --python_out=. --grpc_python_out=. --pyi_out=. $(PROTO)
+
+# -- serving ------------------------------------------------------------------------
+run: $(STAMP)
+	$(PY) -m service --backend lfm2 --port $(PORT) $(ARGS)
+
+download: $(STAMP)
+	$(PY) scripts/download_model.py $(ARGS)
+
+serve-scripted: $(STAMP)
+	$(PY) -m service --backend scripted --scripted-step-ms 15 --port $(PORT) $(ARGS)
+
+demo: $(STAMP)
+	@set -e; log=$$(mktemp); \
+	$(PY) -m service --backend scripted --scripted-step-ms 15 --port 0 > $$log 2>&1 & pid=$$!; \
+	trap "kill $$pid 2>/dev/null; wait $$pid 2>/dev/null; rm -f $$log" EXIT; \
+	for i in $$(seq 100); do grep -q "serving on" $$log && break; sleep 0.1; done; \
+	port=$$(sed -n 's/.*serving on .*:\([0-9]*\)$$/\1/p' $$log); \
+	echo "scripted server on port $$port"; \
+	$(PY) -m clients.file --target 127.0.0.1:$$port --text "Hello from the demo" --out demo-reply.wav --show-metrics; \
+	echo "reply audio saved to demo-reply.wav"
+
+tiny-model: $(STAMP)
+	$(PY) scripts/make_tiny_model.py models/tiny
+
+# -- quality ------------------------------------------------------------------------
+test: system-deps node-deps $(STAMP)
+	env -u MODAL_TOKEN_ID -u MODAL_TOKEN_SECRET $(PY) -m pytest -q $(ARGS)
+
+check: node-deps $(STAMP)
+	$(VENV)/bin/ruff check service clients tests bench deploy scripts
+	$(VENV)/bin/mypy
+	node_modules/.bin/buf lint proto
+	@tmp=$$(mktemp -d); \
+	  $(PY) -m grpc_tools.protoc -I proto --python_out=$$tmp --grpc_python_out=$$tmp --pyi_out=$$tmp $(PROTO); \
+	  for f in $(STUBS); do cmp -s $$f $$tmp/$$f || { echo "stub drift: $$f differs from 'make proto' output"; rm -rf $$tmp; exit 1; }; done; \
+	  rm -rf $$tmp; echo "stubs match $(PROTO)"
+
+bench: system-deps $(STAMP)
+	$(PY) -m bench.latency --quick $(ARGS)
+
+# -- Modal deployment -----------------------------------------------------------------
+deploy: $(STAMP)
+	$(VENV)/bin/modal deploy deploy/modal_app.py
+
+modal-download: $(STAMP)
+	$(VENV)/bin/modal run deploy/modal_app.py --action download
+
+modal-url: $(STAMP)
+	$(VENV)/bin/modal run deploy/modal_app.py --action url
+
+clean:
+	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache
