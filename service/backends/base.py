@@ -107,7 +107,8 @@ class AssistantTurn:
 
     @property
     def audio_frames(self) -> int:
-        return sum(isinstance(s, AudioFrame) for s in self.steps)
+        """Audio frames with sound (the end-of-audio frame not counted)."""
+        return sum(isinstance(s, AudioFrame) and not is_end_of_audio(s.codes) for s in self.steps)
 
     def truncated(self, audio_frames_kept: int) -> AssistantTurn:
         """The prefix of this turn up to (not including) audio frame number
