@@ -1,0 +1,207 @@
+"""Limits and failure modes: idle timeout, session length, message size,
+backend failure, a backend that cannot load, TLS, SIGTERM drain."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service.backends.base import Sampling, Step
+from service.backends.scripted import ScriptedBackend, ScriptedConversation
+from service.config import Settings
+from service.server import VoiceChatServer
+from tests.conftest import StartServer
+from tests.helpers import audio, collect_until, config, kinds, manual_config, requests, text
+from voicechat.v1 import voicechat_pb2 as pb
+from voicechat.v1 import voicechat_pb2_grpc as pb_grpc
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+async def _drain(call) -> tuple[list[pb.ConverseResponse], grpc.aio.AioRpcError | None]:
+    events = []
+    try:
+        async for event in call:
+            events.append(event)
+    except grpc.aio.AioRpcError as exc:
+        return events, exc
+    return events, None
+
+
+async def test_idle_timeout_ends_a_silent_stream(start_server: StartServer) -> None:
+    running = await start_server(idle_timeout_seconds=1)
+    events, error = await asyncio.wait_for(_drain(running.stub.Converse(requests([config()], hold=10))), 5)
+    assert error is not None and error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "idle timeout" in error.details()
+    assert kinds(events) == ["session_started"]
+
+
+async def test_session_length_limit_sends_go_away_then_out_of_range(start_server: StartServer) -> None:
+    running = await start_server(max_session_seconds=2)
+    started = time.monotonic()
+    events, error = await asyncio.wait_for(_drain(running.stub.Converse(requests([config()], hold=10))), 6)
+    assert error is not None and error.code() == grpc.StatusCode.OUT_OF_RANGE
+    assert 1.9 < time.monotonic() - started < 4
+    go_away = next(e.go_away for e in events if e.WhichOneof("event") == "go_away")
+    assert go_away.reason == "max_session_duration" and 0 < go_away.time_left_ms <= 2000
+
+
+async def test_oversized_message_is_resource_exhausted(start_server: StartServer) -> None:
+    running = await start_server(max_message_bytes=64 * 1024)
+    call = running.stub.Converse(requests([manual_config(), audio(b"\0" * 200_000)], hold=3))
+    _, error = await asyncio.wait_for(_drain(call), 5)
+    assert error is not None and error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_backend_failure_fails_the_response_not_the_server(start_server: StartServer) -> None:
+    running = await start_server()
+    call = running.stub.Converse(requests([config(), text("boom #fail"), 0.3, text("and again")]))
+    events = await collect_until(call, count=2)
+    call.cancel()
+    ended = [e.response_ended for e in events if e.WhichOneof("event") == "response_ended"]
+    assert ended[0].status == pb.RESPONSE_STATUS_FAILED and "scripted backend failure" in ended[0].reason
+    assert ended[1].status == pb.RESPONSE_STATUS_COMPLETED
+    other = await running.stub.Generate(pb.GenerateRequest(text="fine"))
+    assert other.text == "Turn 1. You said: fine."
+    health = health_pb2_grpc.HealthStub(running.channel)
+    assert (await health.Check(health_pb2.HealthCheckRequest())).status == health_pb2.HealthCheckResponse.SERVING
+
+
+class _CountingBackend(ScriptedBackend):
+    """Scripted backend that records when its model steps run."""
+
+    def __init__(self, **kwargs: float) -> None:
+        super().__init__(**kwargs)
+        self.step_times: list[float] = []
+
+    def new_conversation(self, system_prompt, mode=None):  # type: ignore[override]
+        conversation = super().new_conversation(system_prompt) if mode is None else super().new_conversation(system_prompt, mode)
+        backend = self
+        original = conversation._generate
+
+        def counted(sampling: Sampling, stop: threading.Event) -> Iterator[Step]:
+            for step in original(sampling, stop):
+                backend.step_times.append(time.monotonic())
+                yield step
+
+        conversation._generate = counted  # type: ignore[method-assign]
+        return conversation
+
+
+async def test_disconnect_stops_the_model_within_a_step(start_server: StartServer) -> None:
+    backend = _CountingBackend(step_ms=10)
+    running = await start_server(backend=backend)
+    call = running.stub.Converse(requests([config(), text("#frames=500 long")]))
+    await collect_until(call, stop_kind="audio_chunk")
+    cancelled = time.monotonic()
+    call.cancel()
+    await asyncio.sleep(0.5)
+    after = [t for t in backend.step_times if t > cancelled]
+    # at most the step in flight (plus one being timed) runs after the client left
+    assert len(after) <= 2, len(after)
+    assert running.server.servicer.admission.active == 0
+
+
+class _BrokenBackend(ScriptedBackend):
+    def load(self) -> None:
+        from service.backends.base import BackendLoadError
+
+        raise BackendLoadError("checkpoint missing: run `make download`")
+
+
+async def test_backend_that_cannot_load_keeps_health_not_serving() -> None:
+    server = VoiceChatServer(Settings(backend="scripted", host="127.0.0.1", port=0), backend=_BrokenBackend())
+    with pytest.raises(Exception, match="make download"):
+        await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        reply = await health.Check(health_pb2.HealthCheckRequest())
+        assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await pb_grpc.VoiceChatServiceStub(channel).Generate(pb.GenerateRequest(text="hi"))
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    await server.stop(0)
+
+
+def test_process_exits_with_a_clear_message_when_the_model_is_missing(tmp_path: Path) -> None:
+    empty = tmp_path / "no-checkpoint"
+    empty.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "--backend", "lfm2", "--model", str(empty), "--port", "0"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "make download" in result.stderr
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )
+    return cert, key
+
+
+async def test_tls_serving(tmp_path: Path) -> None:
+    cert, key = _self_signed(tmp_path)
+    server = VoiceChatServer(
+        Settings(backend="scripted", host="127.0.0.1", port=0, tls_cert=str(cert), tls_key=str(key))
+    )
+    port = await server.start()
+    credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+    async with grpc.aio.secure_channel(f"localhost:{port}", credentials) as channel:
+        reply = await pb_grpc.VoiceChatServiceStub(channel).Generate(pb.GenerateRequest(text="secure"))
+        assert reply.text == "Turn 1. You said: secure."
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as plain:
+        with pytest.raises(grpc.aio.AioRpcError):
+            await pb_grpc.VoiceChatServiceStub(plain).Generate(pb.GenerateRequest(text="plain"), timeout=3)
+    await server.stop(0)
+
+
+def test_sigterm_drains_in_flight_responses_and_exits_zero() -> None:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service", "--backend", "scripted", "--scripted-step-ms", "4", "--port", "0",
+         "--drain-seconds", "10"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert "serving on" in line, line
+        port = int(line.rsplit(":", 1)[1])
+        asyncio.run(_converse_through_sigterm(proc, port))
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+async def _converse_through_sigterm(proc: subprocess.Popen[str], port: int) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.VoiceChatServiceStub(channel)
+        call = stub.Converse(requests([config(), text("#frames=100 drain me")]))
+        await collect_until(call, stop_kind="audio_chunk")
+        proc.send_signal(signal.SIGTERM)
+        events, error = await _drain(call)
+        ended = next(e.response_ended for e in events if e.WhichOneof("event") == "response_ended")
+        assert ended.status == pb.RESPONSE_STATUS_COMPLETED and ended.audio_frames == 100
+        assert "go_away" in kinds(events)
+        assert error is not None and error.code() == grpc.StatusCode.UNAVAILABLE
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Generate(pb.GenerateRequest(text="late"), timeout=5)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
