@@ -333,10 +333,13 @@ class ResponseRun:
         turn = AssistantTurn(list(self._steps))
         if self._stopped_status is not None:
             status, reason = self._stopped_status, self._stop_reason
-            # the history keeps what reached the client; TruncateResponse refines it
-            heard_frames = -(-self.stats.audio_ms_written // FRAME_MS) if status != pb.RESPONSE_STATUS_FAILED else None
-            if heard_frames is not None:
-                turn = turn.truncated(heard_frames)
+            if status != pb.RESPONSE_STATUS_FAILED:
+                # keep in the history what the listener can have heard: audio that
+                # was sent, and at real-time playback no more than has elapsed since
+                # the first chunk; a TruncateResponse from the client refines it
+                s = self.stats
+                played = min(s.audio_ms_written, now_ms() - s.first_audio_ts) if s.first_audio_ts else 0
+                turn = turn.truncated(-(-int(played) // FRAME_MS))
         elif self._error is not None:
             status, reason = pb.RESPONSE_STATUS_FAILED, f"model error: {self._error}"
         elif self._end is EndReason.MAX_TOKENS:

@@ -49,9 +49,7 @@ class StreamResampler:
         self._output_rate_hz = output_rate_hz
         self._stream: soxr.ResampleStream | None = None
         if input_rate_hz != output_rate_hz:
-            self._stream = soxr.ResampleStream(
-                input_rate_hz, output_rate_hz, 1, dtype="float32", quality=_QUALITY
-            )
+            self._stream = soxr.ResampleStream(input_rate_hz, output_rate_hz, 1, dtype="float32", quality=_QUALITY)
 
     @property
     def input_rate_hz(self) -> int:

@@ -178,7 +178,7 @@ class ChatSession:
         elif kind == "text":
             self._on_text(request.text)
         elif kind == "commit_turn":
-            self._commit(self.tracker.commit("client_commit"), pb.COMMIT_REASON_CLIENT_COMMIT, required=True)
+            self._commit(self._client_commit(), pb.COMMIT_REASON_CLIENT_COMMIT, required=True)
         elif kind == "cancel_response":
             self._on_cancel(request.cancel_response.response_id)
         elif kind == "truncate":
@@ -227,7 +227,15 @@ class ChatSession:
             raise InvalidArgument("text.text is empty", "text.text")
         self._pending_text.append(msg.text)
         if not msg.defer_response:
-            self._commit(self.tracker.commit("client_commit"), pb.COMMIT_REASON_TEXT_INPUT)
+            self._commit(self._client_commit(), pb.COMMIT_REASON_TEXT_INPUT)
+
+    def _client_commit(self) -> TurnReady | None:
+        """The pending audio turn, closing a speech segment still open."""
+        in_speech = self.tracker.in_speech
+        ready = self.tracker.commit("client_commit")
+        if in_speech and ready is not None:
+            self._put(speech_stopped=pb.SpeechStopped(audio_end_ms=int(ready.audio_end_ms)))
+        return ready
 
     def _commit(self, ready: TurnReady | None, reason: int, required: bool = False) -> None:
         text = "\n".join(self._pending_text)

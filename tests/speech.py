@@ -148,9 +148,7 @@ def chunks(pcm16: bytes, rate: int, ms: float) -> Iterator[bytes]:
         yield pcm16[begin : begin + size]
 
 
-async def paced_chunks(
-    pcm16: bytes, rate: int, ms: float, *, speed: float = 1.0
-) -> AsyncIterator[bytes]:
+async def paced_chunks(pcm16: bytes, rate: int, ms: float, *, speed: float = 1.0) -> AsyncIterator[bytes]:
     """`chunks` at real-time pace (or `speed` times faster), as a microphone would send them."""
     loop = asyncio.get_running_loop()
     started = loop.time()

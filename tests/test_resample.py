@@ -34,9 +34,7 @@ def _peak_hz(signal: np.ndarray, rate: int) -> float:
     length=st.integers(0, 6_000),
     cuts=st.lists(st.integers(0, 6_000), max_size=12),
 )
-def test_streaming_over_any_split_equals_one_shot(
-    rate: int, seed: int, length: int, cuts: list[int]
-) -> None:
+def test_streaming_over_any_split_equals_one_shot(rate: int, seed: int, length: int, cuts: list[int]) -> None:
     signal = (np.random.default_rng(seed).standard_normal(length) * 0.2).astype(np.float32)
     streamed = _stream(StreamResampler(rate), signal, [c for c in cuts if c <= length])
     reference = soxr.resample(signal, rate, 16_000)
@@ -51,9 +49,7 @@ def test_16k_passes_through_unchanged(pcm: bytes, cut: int) -> None:
     resampler = StreamResampler(16_000)
     assert resampler.passthrough
     cut = min(cut * 2, len(pcm))
-    out = np.concatenate(
-        [resampler.process_pcm16(pcm[:cut]), resampler.process_pcm16(pcm[cut:]), resampler.flush()]
-    )
+    out = np.concatenate([resampler.process_pcm16(pcm[:cut]), resampler.process_pcm16(pcm[cut:]), resampler.flush()])
     np.testing.assert_array_equal(out, np.frombuffer(pcm, dtype="<i2") / np.float32(32768))
 
 

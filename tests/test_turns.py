@@ -48,10 +48,7 @@ def timeline_16k(audio: Utterance) -> np.ndarray:
 
 
 def two_utterances(rate: int) -> Utterance:
-    return (
-        speech(FIRST, rate, before_ms=1_000, after_ms=1_500)
-        + speech(SECOND, rate, after_ms=1_000)
-    )
+    return speech(FIRST, rate, before_ms=1_000, after_ms=1_500) + speech(SECOND, rate, after_ms=1_000)
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +120,7 @@ def test_input_rates_give_the_same_detection(rate: int, conversation_16k) -> Non
         for name in ("audio_start_ms", "audio_end_ms"):
             if hasattr(want, name):
                 assert abs(getattr(got, name) - getattr(want, name)) <= 32  # at most one window
-    for got, want in zip(only(events, TurnReady), only(reference, TurnReady), strict=True):
+    for got in only(events, TurnReady):
         # The resampled turn is the same sound as the 16 kHz one.
         signal = timeline_16k(reference_audio)[got.audio_start_ms * 16 : got.audio_end_ms * 16]
         n = min(got.audio.size, signal.size)
