@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from service.backends.base import Sampling
 from service.config import Settings
@@ -53,7 +54,7 @@ def _check_range(value: float, low: float, high: float, field: str) -> None:
 
 def resolve_sampling(base: Sampling, msg: pb.SamplingParams, max_new_tokens: int, field: str) -> Sampling:
     """`base` with the fields set in `msg` applied, validated."""
-    changes: dict[str, float | int] = {}
+    changes: dict[str, Any] = {}
     for name, low, high in (
         ("text_temperature", 0.0, 2.0),
         ("text_top_k", 0, 1000),
@@ -69,7 +70,7 @@ def resolve_sampling(base: Sampling, msg: pb.SamplingParams, max_new_tokens: int
 
 
 def resolve_turn(base: TurnOptions, msg: pb.TurnDetection, field: str) -> TurnOptions:
-    changes: dict[str, object] = {}
+    changes: dict[str, Any] = {}
     if msg.mode == pb.TURN_DETECTION_MODE_MANUAL:
         changes["mode"] = "manual"
     elif msg.mode == pb.TURN_DETECTION_MODE_SERVER_VAD:

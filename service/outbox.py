@@ -22,6 +22,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import grpc
+
 from voicechat.v1 import voicechat_pb2 as pb
 
 
@@ -33,7 +35,7 @@ class SlowReader(Exception):
 class StreamEnd:
     """In-band end of the stream with a gRPC status (put last)."""
 
-    code: object  # grpc.StatusCode; `None` ends the stream with OK
+    code: grpc.StatusCode | None  # None ends the stream with OK
     details: str = ""
 
 

@@ -236,7 +236,11 @@ class ResponseRun:
         held: list[int] = []
         consumed = 0
         while True:
-            await self._wait(lambda: len(self._text_ids) > consumed or self._done or self.stopping)
+
+            def ready(c: int = consumed) -> bool:
+                return len(self._text_ids) > c or self._done or self.stopping
+
+            await self._wait(ready)
             if self.stopping:
                 return
             new = self._text_ids[consumed:]
@@ -269,7 +273,11 @@ class ResponseRun:
         try:
             while True:
                 need = policy.stride(self.timing.decode_batches)
-                await self._wait(lambda: len(self._frames) - taken >= need or self._done or self.stopping)
+
+                def ready(t: int = taken, n: int = need) -> bool:
+                    return len(self._frames) - t >= n or self._done or self.stopping
+
+                await self._wait(ready)
                 if self.stopping:
                     return
                 pending = len(self._frames) - taken

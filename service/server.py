@@ -7,6 +7,7 @@ and the Modal deployment.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import time
@@ -135,6 +136,11 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
     ]
 
 
+def _tls_credentials(settings: Settings) -> grpc.ServerCredentials:
+    key, cert = Path(settings.tls_key).read_bytes(), Path(settings.tls_cert).read_bytes()
+    return grpc.ssl_server_credentials([(key, cert)])
+
+
 class VoiceChatServer:
     """Builds, starts, drains and stops one server."""
 
@@ -180,10 +186,7 @@ class VoiceChatServer:
         _add_reflection(server)
         address = f"{settings.host}:{settings.port}"
         if settings.tls_cert or settings.tls_key:
-            credentials = grpc.ssl_server_credentials(
-                [(Path(settings.tls_key).read_bytes(), Path(settings.tls_cert).read_bytes())]
-            )
-            self.port = server.add_secure_port(address, credentials)
+            self.port = server.add_secure_port(address, _tls_credentials(settings))
         else:
             self.port = server.add_insecure_port(address)
         self._server = server
@@ -211,9 +214,8 @@ class VoiceChatServer:
             servicer.admission.draining = True
             for session in list(servicer.sessions):
                 session.drain(grace)
-            deadline = time.monotonic() + grace
-            while servicer.sessions and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(servicer.all_closed.wait(), grace)
         await self._server.stop(0)
         self._server = None
         if self._executors is not None:

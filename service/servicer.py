@@ -15,7 +15,16 @@ import grpc
 import numpy as np
 
 from service.audio import decode_audio_file, encode_wav, float_to_pcm16
-from service.backends.base import FRAME_MS, OUTPUT_SAMPLE_RATE, AudioFrame, EndReason, Finished, GenerateMode, TextToken, is_end_of_audio
+from service.backends.base import (
+    FRAME_MS,
+    OUTPUT_SAMPLE_RATE,
+    AudioFrame,
+    EndReason,
+    Finished,
+    GenerateMode,
+    TextToken,
+    is_end_of_audio,
+)
 from service.errors import Internal, InvalidArgument, ResourceExhausted, ServiceError, Unavailable
 from service.options import resolve_options, resolve_sampling
 from service.outbox import StreamEnd
@@ -60,6 +69,8 @@ class VoiceChatServicer(pb_grpc.VoiceChatServiceServicer):
         self.runtime = runtime
         self.admission = admission
         self.sessions: set[ChatSession] = set()
+        self.all_closed = asyncio.Event()  # set while no session is open (drain waits on it)
+        self.all_closed.set()
 
     async def Converse(  # noqa: N802 - gRPC method name
         self, request_iterator: AsyncIterator[pb.ConverseRequest], context: grpc.aio.ServicerContext
@@ -74,6 +85,7 @@ class VoiceChatServicer(pb_grpc.VoiceChatServiceServicer):
                 return
             started = time.monotonic()
             self.sessions.add(session)
+            self.all_closed.clear()
             log.info("%s started peer=%s label=%r", session.id, context.peer(), session.options.client_label)
             outcome = "ok"
             try:
@@ -82,8 +94,9 @@ class VoiceChatServicer(pb_grpc.VoiceChatServiceServicer):
                     if isinstance(item, StreamEnd):
                         if item.code is None:
                             return
-                        outcome = f"{item.code.name}: {item.details}"  # type: ignore[attr-defined]
-                        await context.abort(item.code, item.details)  # type: ignore[arg-type]
+                        outcome = f"{item.code.name}: {item.details}"
+                        await context.abort(item.code, item.details)
+                        return
                     yield item
             except asyncio.CancelledError:
                 outcome = "client went away"
@@ -91,6 +104,8 @@ class VoiceChatServicer(pb_grpc.VoiceChatServiceServicer):
             finally:
                 await session.close()
                 self.sessions.discard(session)
+                if not self.sessions:
+                    self.all_closed.set()
                 log.info(
                     "%s ended after %.1f s, %d responses: %s",
                     session.id,

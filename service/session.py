@@ -149,7 +149,7 @@ class ChatSession:
         if self.current is None and self._turns.empty():
             self.end(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; reconnect")
 
-    def end(self, code: object, details: str) -> None:
+    def end(self, code: grpc.StatusCode, details: str) -> None:
         """End the stream with a status once queued events are written."""
         if self.current is not None:
             self.current.stop(pb.RESPONSE_STATUS_CANCELLED, details)
@@ -237,7 +237,7 @@ class ChatSession:
             self._put(speech_stopped=pb.SpeechStopped(audio_end_ms=int(ready.audio_end_ms)))
         return ready
 
-    def _commit(self, ready: TurnReady | None, reason: int, required: bool = False) -> None:
+    def _commit(self, ready: TurnReady | None, reason: pb.CommitReason, required: bool = False) -> None:
         text = "\n".join(self._pending_text)
         if ready is None and not text:
             if required:

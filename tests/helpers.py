@@ -54,7 +54,7 @@ def kinds(events: list[pb.ConverseResponse]) -> list[str]:
 
 
 async def collect_until(
-    call: AsyncIterator[pb.ConverseResponse], stop_kind: str = "response_ended", count: int = 1, timeout: float = 20
+    call: AsyncIterator[pb.ConverseResponse], stop_kind: str = "response_ended", count: int = 1, within: float = 20
 ) -> list[pb.ConverseResponse]:
     """Read events until `count` events of `stop_kind` arrived."""
     events: list[pb.ConverseResponse] = []
@@ -68,7 +68,7 @@ async def collect_until(
                 if seen >= count:
                     return
 
-    await asyncio.wait_for(read(), timeout)
+    await asyncio.wait_for(read(), within)
     return events
 
 

@@ -9,7 +9,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from tests.conftest import Running
-from tests.helpers import audio, collect_until, commit, config, kinds, manual_config, requests, response_text, text, tone
+from tests.helpers import (
+    audio,
+    collect_until,
+    commit,
+    config,
+    kinds,
+    manual_config,
+    requests,
+    response_text,
+    text,
+    tone,
+)
 from voicechat.v1 import voicechat_pb2 as pb
 
 SERVICE = "voicechat.v1.VoiceChatService"

@@ -34,7 +34,6 @@ from typing import Any  # noqa: E402
 
 import grpc  # noqa: E402
 import pytest  # noqa: E402
-import pytest_asyncio  # noqa: E402
 
 modal = pytest.importorskip("modal", reason="the deploy extra (modal) is not installed")
 
@@ -293,6 +292,43 @@ def test_unknown_action_is_refused() -> None:
         modal_app.main.info.raw_f(action="deploy")
 
 
+@pytest.mark.filterwarnings("ignore:The download_weights function is executing locally")
+def test_download_fetches_what_the_server_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("liquid_audio", reason="the model extra is not installed")
+    import huggingface_hub
+
+    from service.backends import BackendLoadError
+    from service.backends.lfm2 import PINNED_REVISION, resolve_checkpoint
+
+    fetched: list[tuple[str, str]] = []
+    committed: list[bool] = []
+
+    class FakeVolume:
+        def commit(self) -> None:
+            committed.append(True)
+
+    def snapshot_download(repo_id: str, revision: str) -> str:
+        fetched.append((repo_id, revision))
+        return f"{modal_app.HF_HOME}/hub/models--x/snapshots/{revision}"
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(modal_app, "weights", FakeVolume())
+    modal_app.download_weights.local()
+    settings = Settings.from_env(modal_app.SERVER_ENV)
+    loaded: list[tuple[str, str]] = []
+
+    def local_snapshot(repo_id: str, revision: str, local_files_only: bool) -> str:
+        assert local_files_only, "the server must never download"
+        loaded.append((repo_id, revision))
+        raise huggingface_hub.errors.LocalEntryNotFoundError("not cached here")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", local_snapshot)
+    with pytest.raises(BackendLoadError, match="not in the local Hugging Face cache"):
+        resolve_checkpoint(settings.model, settings.revision or None)  # how the server loads
+    assert fetched == loaded == [("LiquidAI/LFM2.5-Audio-1.5B", PINNED_REVISION)]
+    assert committed == [True]
+
+
 # -- part two: the container's hooks, run here ------------------------------------------
 
 TOKEN = "test-token"
@@ -314,14 +350,13 @@ def container_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VOICECHAT_DRAIN_SECONDS", "5")
 
 
-@pytest_asyncio.fixture
+@pytest.fixture
 async def container(container_env: None) -> AsyncIterator[Any]:
     """An instance of the Server's class after its `@modal.enter` hook ran."""
     box = modal_app.VoiceChat._get_user_cls()()
     await asyncio.wait_for(box.start(), 30)
     yield box
-    if box.server._server is not None:  # the test did not run the exit hook
-        await box.server.stop(0)
+    await box.server.stop(0)  # no-op when the test ran the exit hook
 
 
 async def _read_until(call: Any, kind: str) -> list[pb.ConverseResponse]:
@@ -335,7 +370,6 @@ async def _read_until(call: Any, kind: str) -> list[pb.ConverseResponse]:
                 return events
 
 
-@pytest.mark.asyncio
 async def test_enter_hook_serves_the_container_settings(container: Any) -> None:
     settings = container.server.settings
     assert settings.backend == "scripted"
@@ -346,7 +380,6 @@ async def test_enter_hook_serves_the_container_settings(container: Any) -> None:
     assert await asyncio.to_thread(modal_app.check_health, target, tls=False) == "SERVING"
 
 
-@pytest.mark.asyncio
 async def test_enter_hook_answers_a_text_turn(container: Any) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{container.port}") as channel:
         stub = pb_grpc.VoiceChatServiceStub(channel)
@@ -366,7 +399,6 @@ async def test_enter_hook_answers_a_text_turn(container: Any) -> None:
         assert await call.code() == grpc.StatusCode.OK
 
 
-@pytest.mark.asyncio
 async def test_enter_hook_requires_the_secret_token(container: Any) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{container.port}") as channel:
         stub = pb_grpc.VoiceChatServiceStub(channel)
@@ -375,7 +407,6 @@ async def test_enter_hook_requires_the_secret_token(container: Any) -> None:
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
-@pytest.mark.asyncio
 async def test_exit_hook_drains_then_stops(container: Any) -> None:
     target = f"127.0.0.1:{container.port}"
     async with grpc.aio.insecure_channel(target) as channel:
@@ -391,14 +422,17 @@ async def test_exit_hook_drains_then_stops(container: Any) -> None:
         assert await call.code() == grpc.StatusCode.UNAVAILABLE  # reconnect elsewhere
         await asyncio.wait_for(stopping, 10)
 
-    assert container.server._server is None
     with pytest.raises(grpc.RpcError) as gone:
         await asyncio.to_thread(modal_app.check_health, target, tls=False, timeout=2)
     assert gone.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 def test_readme_commands_match_the_module() -> None:
-    readme = (REPO_ROOT / "deploy" / "README.md").read_text()
+    # The "Deploy to Modal" section lives in deploy/README.md and may be merged into README.md.
+    readme = "\n".join(
+        p.read_text() for p in (REPO_ROOT / "deploy" / "README.md", REPO_ROOT / "README.md") if p.exists()
+    )
+    assert "## Deploy to Modal" in readme
     for command in (
         "modal run deploy/modal_app.py --action download",
         "modal deploy deploy/modal_app.py",

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from service.config import Settings
 from service.server import VoiceChatServer
-from tests.helpers import collect_until, config, requests, text
+from tests.helpers import collect_until, config, text
 from voicechat.v1 import voicechat_pb2 as pb
 from voicechat.v1 import voicechat_pb2_grpc as pb_grpc
 

@@ -22,8 +22,8 @@ def _session_tasks() -> list[asyncio.Task]:
     return [t for t in asyncio.all_tasks() if t.get_name().startswith("sess_")]
 
 
-async def _wait_for(predicate, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
+async def _wait_for(predicate, within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached in time"
         await asyncio.sleep(0.02)
@@ -47,7 +47,7 @@ async def test_cancel_response_mid_generation(start_server: StartServer) -> None
             cancelled_at = time.monotonic()
             await queue.put(pb.ConverseRequest(cancel_response=pb.CancelResponse()))
             break
-    events += await collect_until(call, timeout=5)
+    events += await collect_until(call, within=5)
     latency = time.monotonic() - cancelled_at
     ended = events[-1].response_ended
     assert ended.status == pb.RESPONSE_STATUS_CANCELLED
@@ -124,7 +124,7 @@ async def test_slow_reader_does_not_stall_generation_and_memory_stays_bounded(st
         peak = max(peak, session.outbox.pending_audio_ms)
         await asyncio.sleep(0.05)
     assert peak <= 3000
-    events = await collect_until(call, timeout=10)
+    events = await collect_until(call, within=10)
     ended = events[-1].response_ended
     assert ended.status == pb.RESPONSE_STATUS_FAILED
     assert "not reading" in ended.reason
@@ -151,7 +151,7 @@ async def test_max_sessions_refuses_immediately(start_server: StartServer) -> No
     await collect_until(first, stop_kind="session_started")
     second = running.stub.Converse(requests([config()], hold=5))
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await collect_until(second, stop_kind="session_started", timeout=2)
+        await collect_until(second, stop_kind="session_started", within=2)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "limit of 1 concurrent sessions" in info.value.details()
     first.cancel()
@@ -196,14 +196,13 @@ async def test_drain_lets_the_response_in_flight_finish(start_server: StartServe
 
 async def test_playback_audio_is_the_backend_decoder_output(running: Running) -> None:
     """Streaming through adaptive strides and re-framing loses and repeats nothing."""
+    import threading
+
     import numpy as np
 
     from service.audio import float_to_pcm16
-    from service.backends.base import AudioFrame, is_end_of_audio
+    from service.backends.base import AudioFrame, Sampling, is_end_of_audio
     from service.backends.scripted import ScriptedBackend
-    import threading
-
-    from service.backends.base import Sampling
 
     call = running.stub.Converse(requests([config(), text("compare me")]))
     events = await collect_until(call)

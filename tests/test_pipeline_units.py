@@ -9,7 +9,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service.audio import PcmReframer
-from service.backends.base import END_OF_AUDIO_CODE, MAX_AUDIO_CODE, AssistantTurn, AudioFrame, TextToken, sanitize_mimi_codes
+from service.backends.base import (
+    END_OF_AUDIO_CODE,
+    MAX_AUDIO_CODE,
+    AssistantTurn,
+    AudioFrame,
+    TextToken,
+    sanitize_mimi_codes,
+)
 from service.backends.scripted import ScriptedBackend, decode_tokens, encode_text, frame_codes
 from service.outbox import Outbox, SlowReader, WriteStats
 from service.pipeline import OutputPolicy

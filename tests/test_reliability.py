@@ -18,7 +18,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.backends.base import Sampling, Step
-from service.backends.scripted import ScriptedBackend, ScriptedConversation
+from service.backends.scripted import ScriptedBackend
 from service.config import Settings
 from service.server import VoiceChatServer
 from tests.conftest import StartServer

@@ -42,7 +42,7 @@ async def test_server_vad_commits_once_per_utterance_and_not_on_noise(start_serv
     second = speech("Tell me a joke please", rate, before_ms=300, after_ms=900)
     call, queue = _open(running.stub, config(input_sample_rate_hz=rate))
     feeder = asyncio.create_task(_stream(queue, (first + click + second).pcm16, rate))
-    events = await collect_until(call, count=2, timeout=60)
+    events = await collect_until(call, count=2, within=60)
     await feeder
     order = kinds(events)
     assert order.count("turn_committed") == 2 and order.count("speech_started") == 2
@@ -69,7 +69,7 @@ async def test_manual_mode_never_commits_by_itself(start_server: StartServer) ->
     await _stream(queue, utterance.pcm16, 16_000, speed=4.0)
     await asyncio.sleep(0.5)
     await queue.put(commit())
-    events = await collect_until(call, timeout=20)
+    events = await collect_until(call, within=20)
     order = kinds(events)
     assert "speech_started" not in order and order.count("turn_committed") == 1
     committed = next(e.turn_committed for e in events if e.WhichOneof("event") == "turn_committed")
@@ -86,7 +86,7 @@ async def test_barge_in_interrupts_a_long_response(start_server: StartServer) ->
     interruption = speech("Stop, wait a moment", 16_000, before_ms=100, after_ms=800)
     speech_began = time.monotonic() + interruption.speech_start_ms / 1000
     feeder = asyncio.create_task(_stream(queue, interruption.pcm16, 16_000, speed=1.0))
-    events = await collect_until(call, timeout=20)
+    events = await collect_until(call, within=20)
     reaction_s = time.monotonic() - speech_began
     order = kinds(events)
     assert order.index("speech_started") < order.index("playback_interrupted") < order.index("response_ended")
@@ -99,7 +99,7 @@ async def test_barge_in_interrupts_a_long_response(start_server: StartServer) ->
     after = order[order.index("playback_interrupted") :]
     assert "audio_chunk" not in after and "text_delta" not in after
     # the interrupting speech becomes the next turn
-    more = await collect_until(call, timeout=20)
+    more = await collect_until(call, within=20)
     reply = more[-1].response_ended.text
     assert "Turn 2. I heard" in reply
     # the history kept only what could have been played before the interruption
@@ -116,7 +116,7 @@ async def test_interruption_can_be_disabled(start_server: StartServer) -> None:
     await queue.put(text("#frames=200 keep talking"))
     await collect_until(call, stop_kind="audio_chunk")
     feeder = asyncio.create_task(_stream(queue, speech("Hello there", 16_000, after_ms=800).pcm16, 16_000, speed=1.0))
-    events = await collect_until(call, timeout=20)
+    events = await collect_until(call, within=20)
     assert events[-1].response_ended.status == pb.RESPONSE_STATUS_COMPLETED
     assert "playback_interrupted" not in kinds(events)
     await feeder

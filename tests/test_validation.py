@@ -9,7 +9,18 @@ import grpc
 import pytest
 
 from tests.conftest import Running
-from tests.helpers import audio, collect_until, commit, config, kinds, manual_config, requests, response_text, text, tone
+from tests.helpers import (
+    audio,
+    collect_until,
+    commit,
+    config,
+    kinds,
+    manual_config,
+    requests,
+    response_text,
+    text,
+    tone,
+)
 from voicechat.v1 import voicechat_pb2 as pb
 
 

@@ -1,0 +1,1 @@
+"""Deployment of the voice-chat service (Modal: `deploy/modal_app.py`)."""
