@@ -137,12 +137,13 @@ class VoiceChat:
         ever meets a cold model. The grpc.aio server keeps running on the event
         loop Modal runs until SIGTERM.
         """
+        from service.__main__ import configure_logging
         from service.backends import BackendLoadError
         from service.config import parse_args
         from service.server import VoiceChatServer
 
         settings = parse_args([])  # `python -m service` with no flags: all from VOICECHAT_*
-        logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        configure_logging(settings.log_level)
         log.info("%r", settings)  # Settings.__repr__ masks the token
         self.server = VoiceChatServer(settings)
         try:

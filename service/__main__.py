@@ -15,11 +15,13 @@ from service.server import VoiceChatServer
 log = logging.getLogger("service")
 
 
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
 async def serve(argv: Sequence[str] | None = None) -> int:
     settings = parse_args(argv)
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level)
     log.info("%r", settings)
     server = VoiceChatServer(settings)
     stop = asyncio.Event()
