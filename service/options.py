@@ -15,21 +15,10 @@ from typing import Any
 from service.backends.base import Sampling
 from service.config import Settings
 from service.errors import InvalidArgument
+from service.turns import TurnMode, TurnSettings
 from voicechat.v1 import voicechat_pb2 as pb
 
 INPUT_SAMPLE_RATES = (16_000, 24_000, 48_000)
-
-
-@dataclass(frozen=True)
-class TurnOptions:
-    """Turn detection settings (mirror of voicechat.v1.TurnDetection)."""
-
-    mode: str = "server_vad"  # "server_vad" | "manual"
-    threshold: float = 0.5
-    prefix_padding_ms: int = 300
-    silence_duration_ms: int = 500
-    interrupt_response: bool = True
-    min_interrupt_speech_ms: int = 200
 
 
 @dataclass(frozen=True)
@@ -39,7 +28,7 @@ class SessionOptions:
     input_sample_rate_hz: int
     system_prompt: str
     sampling: Sampling
-    turn: TurnOptions
+    turn: TurnSettings
     chunk_ms: int
     first_chunk_frames: int
     max_stride_frames: int
@@ -69,12 +58,12 @@ def resolve_sampling(base: Sampling, msg: pb.SamplingParams, max_new_tokens: int
     return dataclasses.replace(base, **changes)
 
 
-def resolve_turn(base: TurnOptions, msg: pb.TurnDetection, field: str) -> TurnOptions:
+def resolve_turn(base: TurnSettings, msg: pb.TurnDetection, field: str) -> TurnSettings:
     changes: dict[str, Any] = {}
     if msg.mode == pb.TURN_DETECTION_MODE_MANUAL:
-        changes["mode"] = "manual"
+        changes["mode"] = TurnMode.MANUAL
     elif msg.mode == pb.TURN_DETECTION_MODE_SERVER_VAD:
-        changes["mode"] = "server_vad"
+        changes["mode"] = TurnMode.SERVER_VAD
     elif msg.mode != pb.TURN_DETECTION_MODE_UNSPECIFIED:
         raise InvalidArgument(f"{field}.mode {msg.mode} is not a TurnDetectionMode", f"{field}.mode")
     for name, low, high in (
@@ -120,7 +109,7 @@ def resolve_options(
         input_sample_rate_hz=rate,
         system_prompt=msg.system_prompt or default_prompt,
         sampling=resolve_sampling(base_sampling, msg.sampling, settings.max_new_tokens, "config.sampling"),
-        turn=resolve_turn(TurnOptions(), msg.turn_detection, "config.turn_detection"),
+        turn=resolve_turn(TurnSettings(max_turn_ms=settings.max_turn_ms), msg.turn_detection, "config.turn_detection"),
         chunk_ms=chunk_ms,
         first_chunk_frames=min(first, stride),
         max_stride_frames=stride,
@@ -141,7 +130,7 @@ def apply_update(options: SessionOptions, msg: pb.UpdateConfig, settings: Settin
 
 def options_to_proto(options: SessionOptions) -> pb.SessionConfig:
     s, t = options.sampling, options.turn
-    mode = pb.TURN_DETECTION_MODE_MANUAL if t.mode == "manual" else pb.TURN_DETECTION_MODE_SERVER_VAD
+    mode = pb.TURN_DETECTION_MODE_MANUAL if t.mode is TurnMode.MANUAL else pb.TURN_DETECTION_MODE_SERVER_VAD
     return pb.SessionConfig(
         input_sample_rate_hz=options.input_sample_rate_hz,
         system_prompt=options.system_prompt,

@@ -34,7 +34,6 @@ from service.turns import (
     TurnEvent,
     TurnMode,
     TurnReady,
-    TurnSettings,
     TurnTracker,
 )
 from voicechat.v1 import voicechat_pb2 as pb
@@ -77,7 +76,7 @@ class ChatSession:
         settings = runtime.settings
         self.outbox = Outbox(max_audio_ms=settings.max_pending_audio_ms)
         self.conversation: Conversation | None = None
-        self.tracker = TurnTracker(self._turn_settings(), options.input_sample_rate_hz)
+        self.tracker = TurnTracker(options.turn, options.input_sample_rate_hz)
         self._turns: asyncio.Queue[UserInput | None] = asyncio.Queue(_MAX_QUEUED_TURNS)
         self._tasks: list[asyncio.Task[None]] = []
         self._pending_text: list[str] = []
@@ -93,18 +92,6 @@ class ChatSession:
         self._going_away = False
         self._draining = False
         self.responses_by_status: dict[int, int] = {}
-
-    def _turn_settings(self) -> TurnSettings:
-        t = self.options.turn
-        return TurnSettings(
-            mode=TurnMode(t.mode),
-            threshold=t.threshold,
-            prefix_padding_ms=t.prefix_padding_ms,
-            silence_duration_ms=t.silence_duration_ms,
-            interrupt_response=t.interrupt_response,
-            min_interrupt_speech_ms=t.min_interrupt_speech_ms,
-            max_turn_ms=self.runtime.settings.max_turn_ms,
-        )
 
     # -- lifecycle ------------------------------------------------------------
     async def start(self, requests: AsyncIterator[pb.ConverseRequest]) -> None:
@@ -196,7 +183,7 @@ class ChatSession:
                 f"audio.pcm16 must hold whole 16-bit samples (an even number of bytes), got {len(data)} bytes",
                 "audio.pcm16",
             )
-        if self.options.turn.mode == "server_vad":
+        if self.options.turn.mode is TurnMode.SERVER_VAD:
             # voice detection costs ~1 ms per 32 ms of audio: keep it off the event loop
             loop = asyncio.get_running_loop()
             events = await loop.run_in_executor(self.runtime.executors.decode, self.tracker.push, data)
@@ -314,7 +301,7 @@ class ChatSession:
 
     def _on_update(self, msg: pb.UpdateConfig) -> None:
         self.options = apply_update(self.options, msg, self.runtime.settings)
-        self._dispatch(self.tracker.update(self._turn_settings()))
+        self._dispatch(self.tracker.update(self.options.turn))
 
     async def _end_of_input(self) -> None:
         """Half-close: answer what is pending, then end the stream cleanly."""
