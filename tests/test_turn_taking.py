@@ -151,3 +151,18 @@ async def test_truncate_keeps_only_what_was_heard(start_server: StartServer) -> 
     assert isinstance(history[0], AssistantTurn) and history[0].audio_frames == 13
     assert response_text(second).startswith("(You heard 1040 ms of my last answer.) Turn 2.")
     call.cancel()
+
+
+async def test_turn_longer_than_the_limit_is_committed_at_the_limit(start_server: StartServer) -> None:
+    from tests.helpers import audio, tone
+
+    running = await start_server(max_turn_ms=1000)
+    call, queue = _open(running.stub, manual_config())
+    for _ in range(5):
+        await queue.put(audio(tone(0.5)))
+    events = await collect_until(call, within=20)
+    committed = next(e.turn_committed for e in events if e.WhichOneof("event") == "turn_committed")
+    assert committed.reason == pb.COMMIT_REASON_MAX_TURN_LENGTH
+    assert committed.audio_duration_ms == 1000
+    assert events[0].session_started.limits.max_turn_ms == 1000
+    call.cancel()
