@@ -34,6 +34,8 @@ from voicechat.v1 import voicechat_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
+_CONFIG_TIMEOUT_S = 10.0  # the first request (config) must arrive within this time
+
 _MODES = {
     pb.GENERATE_MODE_UNSPECIFIED: GenerateMode.CHAT,
     pb.GENERATE_MODE_CHAT: GenerateMode.CHAT,
@@ -120,7 +122,8 @@ class VoiceChatServicer(pb_grpc.VoiceChatServiceServicer):
         self, requests: AsyncIterator[pb.ConverseRequest], context: grpc.aio.ServicerContext
     ) -> ChatSession | None:
         settings = self.runtime.settings
-        timeout = settings.idle_timeout_seconds or None
+        # a slot is held from the first byte: a client that never configures must not keep it
+        timeout = min(settings.idle_timeout_seconds or _CONFIG_TIMEOUT_S, _CONFIG_TIMEOUT_S)
         try:
             first = await asyncio.wait_for(anext(aiter(requests)), timeout)
         except StopAsyncIteration:

@@ -212,6 +212,10 @@ class ChatSession:
             raise InvalidArgument(f"text.text is longer than {limit} characters ({len(msg.text)})", "text.text")
         if not msg.text.strip():
             raise InvalidArgument("text.text is empty", "text.text")
+        if sum(map(len, self._pending_text)) + len(msg.text) > limit:
+            raise InvalidArgument(
+                f"the pending turn's text would exceed {limit} characters; commit it first", "text.text"
+            )
         self._pending_text.append(msg.text)
         if not msg.defer_response:
             self._commit(self._client_commit(), pb.COMMIT_REASON_TEXT_INPUT)

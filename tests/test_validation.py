@@ -126,3 +126,14 @@ async def test_audio_rates_16_24_48k_are_accepted(running: Running) -> None:
         assert "response_ended" in kinds(events)
         committed = next(e.turn_committed for e in events if e.WhichOneof("event") == "turn_committed")
         assert abs(committed.audio_duration_ms - 1000) <= 20, rate
+
+
+async def test_deferred_text_is_bounded(start_server) -> None:
+    running = await start_server(max_text_chars=100)
+    items = [config()] + [text("x" * 40, defer=True) for _ in range(4)] + [commit()]
+    call = running.stub.Converse(requests(items))
+    events = await collect_until(call)
+    call.cancel()
+    errors = [e.error for e in events if e.WhichOneof("event") == "error"]
+    assert len(errors) == 2 and all("exceed 100 characters" in e.message for e in errors)
+    assert response_text(events).count("x") == 80

@@ -165,6 +165,8 @@ def resolve_checkpoint(model: str, revision: str | None) -> tuple[Path, str]:
     downloads (a download belongs to `make download`)."""
     path = Path(model).expanduser()
     if path.is_dir():
+        if revision:
+            log.warning("revision %s ignored: %s is a local folder", revision, model)
         return path.resolve(), str(path)
     if not _REPO_ID.match(model):
         raise BackendLoadError(f"checkpoint folder {model!r} does not exist; {DOWNLOAD_HINT} or pass a folder")
@@ -279,7 +281,8 @@ class FairLock:
 
     `threading.Lock` lets the releasing thread take it straight back, so one
     generating conversation would starve the others; with this lock held per
-    model step, concurrent conversations take turns step by step."""
+    model step, concurrent conversations take turns step by step. A waiter
+    must not abandon its wait (worker threads are never interrupted there)."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition(threading.Lock())
@@ -401,9 +404,11 @@ class LFM2Conversation(Conversation):
         wave = np.ascontiguousarray(np.asarray(pcm, dtype=np.float32).reshape(-1))
         if wave.size == 0:
             return
-        with inference(), self._backend.tokenizer_lock:
-            self._open_turn("user")
-            # ChatState resamples to 16 kHz and computes the log-mel features.
+        with inference():
+            with self._backend.tokenizer_lock:
+                self._open_turn("user")
+            # ChatState resamples to 16 kHz and computes the log-mel features
+            # (outside the tokenizer lock: that can take a while).
             self.chat.add_audio(torch.from_numpy(wave)[None, :], sample_rate)
 
     def _add_user_text(self, text: str) -> None:
@@ -438,6 +443,7 @@ class LFM2Conversation(Conversation):
         if self.mode is GenerateMode.CHAT and TEXT_END not in text_ids:
             text_ids.append(TEXT_END)
             flags.append(_TEXT)
+        # (A <|text_end|> just added is followed by audio that must end too.)
         needs_eoa = self.mode is GenerateMode.CHAT or bool(frames)
         if needs_eoa and not (frames and flags[-1] == _AUDIO_OUT and is_end_of_audio(frames[-1])):
             frames.append(np.full(NUM_CODEBOOKS, END_OF_AUDIO_CODE, dtype=np.int64))
@@ -633,7 +639,9 @@ class DetokenizerDecoder(AudioDecoder):
     those back for the next call or `flush()`. Samples beyond the receptive
     field do not influence the emitted ones, so the stream equals a one-shot
     decode up to float rounding: max |difference| <= DETOKENIZER_TOLERANCE
-    (about 1e-6 measured in fp32). The detokenizer holds no state, so all
+    in fp32 on CPU (about 1e-7 measured, tiny and full-size configs); with
+    TF32 matmuls on a GPU expect differences at TF32 rounding, far below
+    audibility. The detokenizer holds no state, so all
     decoders share one instance."""
 
     def __init__(self, detok: LFM2AudioDetokenizer, context: int, device: torch.device) -> None:
@@ -684,25 +692,28 @@ class MimiPool:
     """Mimi instances for concurrent streams.
 
     Mimi keeps its streaming state on its modules, so each stream needs its
-    own instance. Instances are deep copies that share the weights (parameters
-    and buffers are pre-seeded in the copy memo), so an extra stream costs
-    module objects and state, not another 80 M parameters."""
+    own instance. Instances are deep copies of the loaded model (which itself
+    never streams, so it is always safe to copy) that share its weights:
+    parameters and buffers are pre-seeded in the copy memo, so an extra
+    stream costs module objects and state, not another 80 M parameters.
+    Released instances are reused."""
 
-    def __init__(self, base: torch.nn.Module) -> None:
-        self._base = base
-        self._free = [base]
+    def __init__(self, template: torch.nn.Module) -> None:
+        self._template = template
+        self._free: list[Any] = []
         self._lock = threading.Lock()
-        self.size = 1
+        self.size = 0
 
     def acquire(self) -> Any:  # a MimiModel
         with self._lock:
             if self._free:
                 return self._free.pop()
             self.size += 1
-        shared = {id(t): t for t in itertools.chain(self._base.parameters(), self._base.buffers())}
-        return copy.deepcopy(self._base, shared)
+        template = self._template
+        shared = {id(t): t for t in itertools.chain(template.parameters(), template.buffers())}
+        return copy.deepcopy(template, shared)
 
-    def release(self, mimi: torch.nn.Module) -> None:
+    def release(self, mimi: Any) -> None:
         with self._lock:
             self._free.append(mimi)
 
