@@ -205,3 +205,11 @@ async def _converse_through_sigterm(proc: subprocess.Popen[str], port: int) -> N
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stub.Generate(pb.GenerateRequest(text="late"), timeout=5)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_a_stream_that_never_sends_config_is_released(start_server: StartServer) -> None:
+    running = await start_server(idle_timeout_seconds=1)
+    events, error = await asyncio.wait_for(_drain(running.stub.Converse(requests([], hold=10))), 5)
+    assert error is not None and error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "no config within" in error.details()
+    assert running.server.servicer.admission.active == 0
