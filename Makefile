@@ -1,6 +1,7 @@
 # voicechat: LFM2-Audio voice chat over gRPC.
 #   make run     set up and serve the real model locally (needs the weights: make download)
 #   make demo    serve the deterministic backend and hold one turn with the file client
+#   make talk    talk to a running server with the microphone client
 #   make test    set up everything and run the test suite
 #   make check   lint (ruff, mypy, buf) and stub drift
 #   make bench   quick latency benchmark, tuned pipeline vs the old baseline
@@ -14,7 +15,7 @@ STAMP := $(VENV)/.installed
 PROTO := proto/voicechat/v1/voicechat.proto
 STUBS := voicechat/v1/voicechat_pb2.py voicechat/v1/voicechat_pb2_grpc.py voicechat/v1/voicechat_pb2.pyi
 
-.PHONY: help venv system-deps node-deps proto run serve-scripted demo download test check bench \
+.PHONY: help venv system-deps node-deps proto run serve-scripted demo talk download test check bench \
         deploy modal-download modal-url tiny-model clean
 
 help:
@@ -63,6 +64,9 @@ demo: $(STAMP)
 	echo "scripted server on port $$port"; \
 	$(PY) -m clients.file --target 127.0.0.1:$$port --text "Hello from the demo" --out demo-reply.wav --show-metrics; \
 	echo "reply audio saved to demo-reply.wav"
+
+talk: $(STAMP)
+	$(PY) -m clients.mic --target 127.0.0.1:$(PORT) $(ARGS)
 
 tiny-model: $(STAMP)
 	$(PY) scripts/make_tiny_model.py models/tiny

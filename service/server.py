@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["VoiceChatService"].full_name
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+_LAME_DUCK_S = 0.5
 _OPEN_PREFIXES = (f"/{HEALTH_SERVICE}/", f"/{REFLECTION_V1}/", f"/{reflection.SERVICE_NAME}/")
 
 
@@ -216,7 +217,11 @@ class VoiceChatServer:
                 session.drain(grace)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(servicer.all_closed.wait(), grace)
-        await self._server.stop(0)
+        # lame duck: keep answering UNAVAILABLE for a moment, so clients that
+        # call right after their stream ended are told to go elsewhere rather
+        # than being cut off (CANCELLED) by the transport shutting down
+        await asyncio.sleep(min(_LAME_DUCK_S, grace))
+        await self._server.stop(min(_LAME_DUCK_S, grace))
         self._server = None
         if self._executors is not None:
             self._executors.generate.shutdown(wait=False, cancel_futures=True)

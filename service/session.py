@@ -84,6 +84,7 @@ class ChatSession:
         self.response_count = 0
         self.current: ResponseRun | None = None
         self._last_response_id = ""
+        self._last_playback_start = 0.0
         self._last_playback_end = 0.0
         self._pending_truncate: tuple[str, int] | None = None
         self._speech_end_ts = 0.0
@@ -270,8 +271,9 @@ class ChatSession:
             self._put(playback_interrupted=pb.PlaybackInterrupted(response_id=run.response_id, audio_start_ms=audio_start_ms))
         elif run is None and now_ms() < self._last_playback_end:
             # generation is over but the client is still playing: flush it and
-            # keep in the history only what was played so far
-            played_ms = max(0, int(self._last_playback_end - now_ms()))
+            # keep in the history only what was played so far (real-time playback
+            # since the first chunk was sent; a TruncateResponse refines it)
+            played_ms = max(0, int(now_ms() - self._last_playback_start))
             self._put(
                 playback_interrupted=pb.PlaybackInterrupted(
                     response_id=self._last_response_id, audio_start_ms=audio_start_ms
@@ -348,8 +350,8 @@ class ChatSession:
         if self._pending_truncate and self._pending_truncate[0] == response_id:
             self._truncate(response_id, self._pending_truncate[1])
         self._pending_truncate = None
-        first_audio = run.stats.first_audio_ts or now_ms()
-        self._last_playback_end = first_audio + result.audio_ms
+        self._last_playback_start = run.stats.first_audio_ts or now_ms()
+        self._last_playback_end = self._last_playback_start + result.audio_ms
         self.responses_by_status[result.status] = self.responses_by_status.get(result.status, 0) + 1
         if result.status == pb.RESPONSE_STATUS_FAILED:
             log.warning("%s %s failed: %s", self.id, response_id, result.reason)

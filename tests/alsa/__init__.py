@@ -1,0 +1,1 @@
+"""Sound devices for tests on machines without a sound card: see `devices`."""
