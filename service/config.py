@@ -36,6 +36,15 @@ class Settings:
     model: str = _opt(DEFAULT_MODEL, "Hugging Face model id or local checkpoint folder.")
     revision: str = _opt("", "Model revision (commit) to load; empty = the pinned default.")
     device: str = _opt("auto", "Torch device: auto (CUDA when present), cuda or cpu.")
+    dtype: str = _opt("auto", "Model dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32.",
+                      choices=("auto", "bf16", "fp16", "fp32"))
+    audio_decoder: str = _opt("auto", "Audio decoder: auto (the LFM2.5 detokenizer when the checkpoint "
+                              "has one, else Mimi), detokenizer or mimi.",
+                              choices=("auto", "detokenizer", "mimi"))
+    prefix_cache: bool = _opt(True, "Keep each conversation's model cache across turns, so a "
+                              "turn prefills only what is new.")
+    system_prompt: str = _opt("", "System prompt for sessions that send none (empty = the model's "
+                              "chat prompt).")
     warmup: bool = _opt(True, "Run a dummy generation and decode before serving.")
     # -- scripted backend -----------------------------------------------------
     scripted_step_ms: float = _opt(0.0, "Scripted backend: delay per model step (ms), "

@@ -140,7 +140,11 @@ class VoiceChatServicer(pb_grpc.VoiceChatServiceServicer):
         backend = self.runtime.backend
         try:
             options = resolve_options(
-                first.config, settings, backend.default_sampling(), backend.default_system_prompt(), trace
+                first.config,
+                settings,
+                backend.default_sampling(),
+                settings.system_prompt or backend.default_system_prompt(),
+                trace,
             )
         except ServiceError as exc:
             await context.abort(exc.code, exc.message)

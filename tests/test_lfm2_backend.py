@@ -18,8 +18,6 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from tests.lfm2_fixtures import GREEDY, noise, run_turn, values  # noqa: E402
-
 pytest_plugins = ["tests.lfm2_fixtures"]
 
 from liquid_audio import LFMModality  # noqa: E402
@@ -34,19 +32,42 @@ from service.backends.base import (  # noqa: E402
     Finished,
     GenerateMode,
     Sampling,
+    Step,
     TextToken,
 )
 from service.backends.lfm2 import (  # noqa: E402
     AUDIO_START,
-    DETOKENIZER_TOLERANCE,
     IM_END,
     PINNED_REVISION,
     TEXT_END,
     FairLock,
     LFM2Backend,
+    LFM2Conversation,
 )
+from service.backends.lfm2_decode import DETOKENIZER_TOLERANCE, DetokenizerDecoder  # noqa: E402
 
 EOA = [END_OF_AUDIO_CODE] * 8
+GREEDY = Sampling(text_temperature=0.0, text_top_k=0, audio_temperature=0.0, audio_top_k=0, max_new_tokens=30)
+
+
+def run_turn(conversation: LFM2Conversation, sampling: Sampling = GREEDY) -> list[Step]:
+    """Generate one response, record it, and return every step (Finished last)."""
+    steps = list(conversation.generate(sampling, threading.Event()))
+    conversation.record_response(AssistantTurn([s for s in steps if not isinstance(s, Finished)]))
+    return steps
+
+
+def values(steps: Iterable[Step]) -> list[object]:
+    """Comparable form: token ids and code tuples (Finished dropped)."""
+    return [
+        s.token_id if isinstance(s, TextToken) else tuple(int(c) for c in s.codes)
+        for s in steps
+        if not isinstance(s, Finished)
+    ]
+
+
+def noise(seconds: float, rate: int = 16_000, seed: int = 0) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal(int(seconds * rate)) * 0.1).astype(np.float32)
 
 
 def kinds(steps: Iterable[object]) -> str:
@@ -422,6 +443,19 @@ def test_detokenizer_stream_equals_one_shot(tiny_backend: LFM2Backend, batches: 
     assert streamed.dtype == np.float32 and len(streamed) == len(codes) * FRAME_SAMPLES
     assert np.abs(streamed - np.clip(one_shot, -1, 1)).max() <= DETOKENIZER_TOLERANCE
     assert all(len(p) > 0 for p in pieces[:-1])  # every batch yields audio at once (480 samples held back)
+
+
+def test_detokenizer_window_needs_its_left_context(tiny_backend: LFM2Backend) -> None:
+    """The equality above is not vacuous: a window with too little left
+    context does differ from the one-shot decode."""
+    rng = np.random.default_rng(4)
+    codes = [rng.integers(0, 2048, 8) for _ in range(12)]
+    with torch.inference_mode():
+        one_shot = tiny_backend.processor.decode(torch.tensor(np.stack(codes, 1))[None])[0].numpy()
+    assert tiny_backend.detokenizer_context == 6  # conv (2) + 30-position band (29), ISTFT: ceil(33 / 6)
+    short = DetokenizerDecoder(tiny_backend._detok, 1, tiny_backend.device)
+    streamed = np.concatenate([short.decode([c]) for c in codes] + [short.flush()])
+    assert np.abs(streamed - np.clip(one_shot, -1, 1)).max() > 100 * DETOKENIZER_TOLERANCE
 
 
 def test_decoder_clamps_out_of_range_codes(tiny_backend: LFM2Backend) -> None:

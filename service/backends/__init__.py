@@ -26,5 +26,12 @@ def create_backend(settings: Settings) -> Backend:
         # torch and liquid-audio are imported only when this backend is chosen
         from service.backends.lfm2 import LFM2Backend
 
-        return LFM2Backend(model=settings.model, revision=settings.revision or None, device=settings.device)
+        return LFM2Backend(
+            model=settings.model,
+            revision=settings.revision or None,
+            device=settings.device,
+            dtype=None if settings.dtype == "auto" else settings.dtype,
+            decoder=settings.audio_decoder,
+            prefix_cache=settings.prefix_cache,
+        )
     raise BackendLoadError(f"unknown backend {settings.backend!r}: choose lfm2 or scripted")
