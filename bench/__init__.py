@@ -1,0 +1,1 @@
+"""Benchmarks: latency and scale of the voice-chat service (see bench/README.md)."""
