@@ -185,8 +185,11 @@ class TurnRecord:
     final_batch_overhead_ms: list[float] = field(default_factory=list, repr=False)  # the response's last batch
     decode_ms: list[float] = field(default_factory=list, repr=False)
     decode_frames: list[int] = field(default_factory=list, repr=False)
-    # every event's overhead split at `ts_ms` (whole ms, taken when the stream's
-    # writer takes the event): queued in the server / written, sent and read
+    # server overhead proper: event ready in the server (text decoded, audio
+    # decoded: `ready_ts_ms`) to received by the client
+    ready_overhead_ms: list[float] = field(default_factory=list, repr=False)
+    # that overhead split at `ts_ms` (whole ms, taken when the stream's writer
+    # takes the event): queued in the server / written, sent and read
     queued_ms: list[float] = field(default_factory=list, repr=False)
     wire_ms: list[float] = field(default_factory=list, repr=False)
 
@@ -197,7 +200,8 @@ class TurnRecord:
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         for name in ("text_overhead_ms", "batch_head_overhead_ms", "audio_overhead_ms",
-                     "final_batch_overhead_ms", "decode_ms", "decode_frames", "queued_ms", "wire_ms"):
+                     "final_batch_overhead_ms", "decode_ms", "decode_frames", "ready_overhead_ms", "queued_ms",
+                     "wire_ms"):
             del out[name]
         return out
 
@@ -261,9 +265,10 @@ class _TurnProbe:
         kind = event.WhichOneof("event")
         rec = self.record
         if kind in ("text_delta", "audio_chunk"):
-            source = getattr(event, kind).source_ts_ms
-            if source:
-                rec.queued_ms.append(event.ts_ms - source)
+            ready = getattr(event, kind).ready_ts_ms
+            if ready:
+                rec.ready_overhead_ms.append(recv - ready)
+                rec.queued_ms.append(event.ts_ms - ready)
                 rec.wire_ms.append(recv - event.ts_ms)
         if kind == "response_started":
             if not self.response_id:
@@ -515,7 +520,8 @@ class RunResult:
 
     def summary(self) -> dict[str, Any]:
         ok = self.ok
-        overhead = [x for r in ok for x in r.overhead_ms]
+        overhead = [x for r in ok for x in r.ready_overhead_ms]
+        step = [x for r in ok for x in r.overhead_ms]
         server_max = [r.server.get("server_latency_max_ms", 0.0) for r in ok if r.server]
         decode = [x for r in ok for x in r.decode_ms]
         planned = self.settings.get("conversations", 0) * self.settings.get("turns", 0)
@@ -533,6 +539,7 @@ class RunResult:
             "first_playable_ms": percentiles([r.first_playable_ms for r in ok if r.first_playable_ms is not None]),
             "first_audio_lag_ms": percentiles([r.first_audio_lag_ms for r in ok if r.first_audio_lag_ms is not None]),
             "server_overhead_ms": {**percentiles(overhead), "max": max(overhead, default=None), "events": len(overhead)},
+            "step_to_receive_ms": {**percentiles(step), "max": max(step, default=None), "events": len(step)},
             "overhead_text_ms": percentiles([x for r in ok for x in r.text_overhead_ms]),
             "overhead_batch_head_ms": percentiles([x for r in ok for x in r.batch_head_overhead_ms]),
             "overhead_audio_ms": percentiles([x for r in ok for x in r.audio_overhead_ms]),

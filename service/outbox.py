@@ -46,7 +46,8 @@ class WriteStats:
     first_text_ts: float = 0.0
     first_audio_ts: float = 0.0
     audio_ms_written: int = 0
-    latencies_ms: list[float] = field(default_factory=list)
+    latencies_ms: list[float] = field(default_factory=list)  # ready -> written (tracing only)
+    step_latencies_ms: list[float] = field(default_factory=list)  # model step -> written (tracing only)
     text_coalesced: int = 0
     audio_merged: int = 0
 
@@ -159,10 +160,15 @@ class Outbox:
             if stats:
                 stats.audio_ms_written += event.audio_chunk.duration_ms
                 stats.first_audio_ts = stats.first_audio_ts or ts
-                if event.audio_chunk.source_ts_ms:
-                    stats.latencies_ms.append(ts - event.audio_chunk.source_ts_ms)
+                _record(stats, ts, event.audio_chunk)
         elif kind == "text_delta" and stats:
             stats.first_text_ts = stats.first_text_ts or ts
-            if event.text_delta.source_ts_ms:
-                stats.latencies_ms.append(ts - event.text_delta.source_ts_ms)
+            _record(stats, ts, event.text_delta)
         return event
+
+
+def _record(stats: WriteStats, ts: float, media: pb.TextDelta | pb.AudioChunk) -> None:
+    if media.ready_ts_ms:
+        stats.latencies_ms.append(ts - media.ready_ts_ms)
+    if media.source_ts_ms:
+        stats.step_latencies_ms.append(ts - media.source_ts_ms)

@@ -150,6 +150,9 @@ class ResponseRun:
         self.timing = _Timing()
         self._text_parts: list[str] = []
         self._audio_samples_sent = 0
+        self._last_text_ts = 0.0
+        self._audio_runs_ended = 0
+        self._in_audio_run = False
 
     # -- control ------------------------------------------------------------
     @property
@@ -194,6 +197,12 @@ class ResponseRun:
         self._steps.append(step)
         if isinstance(step, TextToken):
             self._text_ids.append(step.token_id)
+            self._last_text_ts = ts
+            if self._in_audio_run:
+                # the model switched to text: no audio frame comes for a few
+                # steps, so frames waiting for a stride to fill are decoded now
+                self._audio_runs_ended += 1
+                self._in_audio_run = False
         elif is_end_of_audio(step.codes):
             pass  # end of audio: the consumer finishes with whatever is pending
         else:
@@ -201,6 +210,7 @@ class ResponseRun:
                 timing.tokens_before_audio = len(self._steps) - 1
             self._frames.append(step.codes)
             self._frame_ts.append(ts)
+            self._in_audio_run = True
         self._changed.set()
 
     def _on_finished(self, end: EndReason | None, error: BaseException | None) -> None:
@@ -261,7 +271,8 @@ class ResponseRun:
         self._text_parts.append(text)
         delta = pb.TextDelta(response_id=self.response_id, text=text)
         if self._trace:
-            delta.source_ts_ms = self.timing.last_step
+            delta.source_ts_ms = self._last_text_ts
+            delta.ready_ts_ms = now_ms()
         self._outbox.put(pb.ConverseResponse(text_delta=delta), self.stats, self.response_id)
 
     async def _consume_audio(self) -> None:
@@ -270,14 +281,18 @@ class ResponseRun:
         decoder = self._backend.new_decoder()
         reframer = PcmReframer(policy.chunk_samples) if policy.chunk_samples else None
         taken = 0
+        runs_seen = 0
         try:
             while True:
                 need = policy.stride(self.timing.decode_batches)
 
-                def ready(t: int = taken, n: int = need) -> bool:
-                    return len(self._frames) - t >= n or self._done or self.stopping
+                def ready(t: int = taken, n: int = need, r: int = runs_seen) -> bool:
+                    pending = len(self._frames) - t
+                    run_ended = policy.adaptive and pending and self._audio_runs_ended > r
+                    return pending >= n or bool(run_ended) or self._done or self.stopping
 
                 await self._wait(ready)
+                runs_seen = self._audio_runs_ended
                 if self.stopping:
                     return
                 pending = len(self._frames) - taken
@@ -315,6 +330,7 @@ class ResponseRun:
             decoder.close()
 
     def _put_audio(self, pcm: np.ndarray, reframer: PcmReframer | None, source_ts: float, final: bool) -> None:
+        ready_ts = now_ms()
         data = float_to_pcm16(pcm)
         if reframer is None:
             chunks = [data] if data else []
@@ -334,6 +350,7 @@ class ResponseRun:
             )
             if self._trace:
                 audio.source_ts_ms = source_ts
+                audio.ready_ts_ms = ready_ts
             self._audio_samples_sent += samples
             self._outbox.put(pb.ConverseResponse(audio_chunk=audio), self.stats, self.response_id)
 
@@ -369,6 +386,7 @@ class ResponseRun:
         t, s = self.timing, self.stats
         commit = user.commit_ts or t.start
         latencies = sorted(s.latencies_ms)
+        step_latencies = sorted(s.step_latencies_ms)
         audio_s = sum(isinstance(x, AudioFrame) and not is_end_of_audio(x.codes) for x in self._steps) * FRAME_MS / 1000
         generation_ms = max(t.last_step - t.start, 1e-3)
         return pb.ResponseMetrics(
@@ -389,4 +407,6 @@ class ResponseRun:
             audio_merged=s.audio_merged,
             first_chunk_frames=self._policy.first_frames,
             max_stride_frames=self._policy.max_stride,
+            step_to_write_p50_ms=step_latencies[len(step_latencies) // 2] if step_latencies else 0.0,
+            step_to_write_max_ms=step_latencies[-1] if step_latencies else 0.0,
         )

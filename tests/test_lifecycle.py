@@ -98,14 +98,18 @@ async def test_trace_off_sends_no_metrics_and_trace_on_sends_them(start_server: 
         call.cancel()
         summary = events[-1].metrics.response
         batches = [e.metrics.decode_batch for e in events if e.WhichOneof("event") == "metrics" and e.metrics.HasField("decode_batch")]
-        assert batches and batches[0].frames == 2  # the fast path decodes the first 2 frames
+        # the fast path decodes the first 2 frames, the stride doubles, and the
+        # frames of an audio run are decoded as soon as the model turns to text
+        assert [b.frames for b in batches[:3]] == [2, 4, 6]
         assert summary.tokens_before_first_audio == 6
         assert 0 < summary.commit_to_first_text_ms <= summary.commit_to_first_audio_ms < 1000
         assert summary.decode_batches == len(batches)
         assert summary.generation_rtf > 0 and summary.server_latency_max_ms >= summary.server_latency_p50_ms >= 0
         assert summary.first_chunk_frames == 2 and summary.max_stride_frames == 16
         chunks = [e.audio_chunk for e in events if e.WhichOneof("event") == "audio_chunk"]
-        assert all(c.source_ts_ms > 0 for c in chunks)
+        assert all(c.ready_ts_ms >= c.source_ts_ms > 0 for c in chunks)
+        assert all(e.ts_ms >= int(e.audio_chunk.ready_ts_ms) for e in events if e.WhichOneof("event") == "audio_chunk")
+        assert summary.step_to_write_max_ms >= summary.server_latency_max_ms
 
 
 async def test_slow_reader_does_not_stall_generation_and_memory_stays_bounded(start_server: StartServer) -> None:

@@ -269,30 +269,34 @@ class ResponseStarted(_message.Message):
     def __init__(self, response_id: _Optional[str] = ..., turn_id: _Optional[str] = ...) -> None: ...
 
 class TextDelta(_message.Message):
-    __slots__ = ("response_id", "text", "source_ts_ms")
+    __slots__ = ("response_id", "text", "source_ts_ms", "ready_ts_ms")
     RESPONSE_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     SOURCE_TS_MS_FIELD_NUMBER: _ClassVar[int]
+    READY_TS_MS_FIELD_NUMBER: _ClassVar[int]
     response_id: str
     text: str
     source_ts_ms: float
-    def __init__(self, response_id: _Optional[str] = ..., text: _Optional[str] = ..., source_ts_ms: _Optional[float] = ...) -> None: ...
+    ready_ts_ms: float
+    def __init__(self, response_id: _Optional[str] = ..., text: _Optional[str] = ..., source_ts_ms: _Optional[float] = ..., ready_ts_ms: _Optional[float] = ...) -> None: ...
 
 class AudioChunk(_message.Message):
-    __slots__ = ("response_id", "pcm16", "sample_rate_hz", "duration_ms", "offset_ms", "source_ts_ms")
+    __slots__ = ("response_id", "pcm16", "sample_rate_hz", "duration_ms", "offset_ms", "source_ts_ms", "ready_ts_ms")
     RESPONSE_ID_FIELD_NUMBER: _ClassVar[int]
     PCM16_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_RATE_HZ_FIELD_NUMBER: _ClassVar[int]
     DURATION_MS_FIELD_NUMBER: _ClassVar[int]
     OFFSET_MS_FIELD_NUMBER: _ClassVar[int]
     SOURCE_TS_MS_FIELD_NUMBER: _ClassVar[int]
+    READY_TS_MS_FIELD_NUMBER: _ClassVar[int]
     response_id: str
     pcm16: bytes
     sample_rate_hz: int
     duration_ms: int
     offset_ms: int
     source_ts_ms: float
-    def __init__(self, response_id: _Optional[str] = ..., pcm16: _Optional[bytes] = ..., sample_rate_hz: _Optional[int] = ..., duration_ms: _Optional[int] = ..., offset_ms: _Optional[int] = ..., source_ts_ms: _Optional[float] = ...) -> None: ...
+    ready_ts_ms: float
+    def __init__(self, response_id: _Optional[str] = ..., pcm16: _Optional[bytes] = ..., sample_rate_hz: _Optional[int] = ..., duration_ms: _Optional[int] = ..., offset_ms: _Optional[int] = ..., source_ts_ms: _Optional[float] = ..., ready_ts_ms: _Optional[float] = ...) -> None: ...
 
 class PlaybackInterrupted(_message.Message):
     __slots__ = ("response_id", "audio_start_ms")
@@ -331,7 +335,7 @@ class Metrics(_message.Message):
     def __init__(self, response_id: _Optional[str] = ..., response: _Optional[_Union[ResponseMetrics, _Mapping]] = ..., decode_batch: _Optional[_Union[DecodeBatchMetrics, _Mapping]] = ...) -> None: ...
 
 class ResponseMetrics(_message.Message):
-    __slots__ = ("speech_end_to_commit_ms", "prefill_ms", "commit_to_first_text_ms", "commit_to_first_audio_ms", "tokens_before_first_audio", "generation_ms", "generation_rtf", "decode_batches", "decode_ms_total", "decode_ms_max", "server_latency_p50_ms", "server_latency_max_ms", "queue_high_water", "text_coalesced", "audio_merged", "first_chunk_frames", "max_stride_frames")
+    __slots__ = ("speech_end_to_commit_ms", "prefill_ms", "commit_to_first_text_ms", "commit_to_first_audio_ms", "tokens_before_first_audio", "generation_ms", "generation_rtf", "decode_batches", "decode_ms_total", "decode_ms_max", "server_latency_p50_ms", "server_latency_max_ms", "queue_high_water", "text_coalesced", "audio_merged", "first_chunk_frames", "max_stride_frames", "step_to_write_p50_ms", "step_to_write_max_ms")
     SPEECH_END_TO_COMMIT_MS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_MS_FIELD_NUMBER: _ClassVar[int]
     COMMIT_TO_FIRST_TEXT_MS_FIELD_NUMBER: _ClassVar[int]
@@ -349,6 +353,8 @@ class ResponseMetrics(_message.Message):
     AUDIO_MERGED_FIELD_NUMBER: _ClassVar[int]
     FIRST_CHUNK_FRAMES_FIELD_NUMBER: _ClassVar[int]
     MAX_STRIDE_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    STEP_TO_WRITE_P50_MS_FIELD_NUMBER: _ClassVar[int]
+    STEP_TO_WRITE_MAX_MS_FIELD_NUMBER: _ClassVar[int]
     speech_end_to_commit_ms: float
     prefill_ms: float
     commit_to_first_text_ms: float
@@ -366,7 +372,9 @@ class ResponseMetrics(_message.Message):
     audio_merged: int
     first_chunk_frames: int
     max_stride_frames: int
-    def __init__(self, speech_end_to_commit_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., commit_to_first_text_ms: _Optional[float] = ..., commit_to_first_audio_ms: _Optional[float] = ..., tokens_before_first_audio: _Optional[int] = ..., generation_ms: _Optional[float] = ..., generation_rtf: _Optional[float] = ..., decode_batches: _Optional[int] = ..., decode_ms_total: _Optional[float] = ..., decode_ms_max: _Optional[float] = ..., server_latency_p50_ms: _Optional[float] = ..., server_latency_max_ms: _Optional[float] = ..., queue_high_water: _Optional[int] = ..., text_coalesced: _Optional[int] = ..., audio_merged: _Optional[int] = ..., first_chunk_frames: _Optional[int] = ..., max_stride_frames: _Optional[int] = ...) -> None: ...
+    step_to_write_p50_ms: float
+    step_to_write_max_ms: float
+    def __init__(self, speech_end_to_commit_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., commit_to_first_text_ms: _Optional[float] = ..., commit_to_first_audio_ms: _Optional[float] = ..., tokens_before_first_audio: _Optional[int] = ..., generation_ms: _Optional[float] = ..., generation_rtf: _Optional[float] = ..., decode_batches: _Optional[int] = ..., decode_ms_total: _Optional[float] = ..., decode_ms_max: _Optional[float] = ..., server_latency_p50_ms: _Optional[float] = ..., server_latency_max_ms: _Optional[float] = ..., queue_high_water: _Optional[int] = ..., text_coalesced: _Optional[int] = ..., audio_merged: _Optional[int] = ..., first_chunk_frames: _Optional[int] = ..., max_stride_frames: _Optional[int] = ..., step_to_write_p50_ms: _Optional[float] = ..., step_to_write_max_ms: _Optional[float] = ...) -> None: ...
 
 class DecodeBatchMetrics(_message.Message):
     __slots__ = ("frames", "decode_ms", "backlog_frames")
