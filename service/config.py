@@ -57,7 +57,7 @@ class Settings:
                          "frames, for comparisons).", choices=("tuned", "baseline"))
     chunk_ms: int = _opt(40, "Default audio chunk size in ms (20-100).")
     first_chunk_frames: int = _opt(2, "Default frames that trigger the first decode (1-16).")
-    max_stride_frames: int = _opt(16, "Default largest decode batch in frames (1-64).")
+    max_stride_frames: int = _opt(8, "Default largest decode batch in frames (1-64).")
     max_pending_audio_ms: int = _opt(20_000, "Audio that may wait for a slow reader before "
                                      "the response fails (ms).")
     trace_all: bool = _opt(False, "Send metrics events on every stream.")

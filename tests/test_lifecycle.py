@@ -105,7 +105,7 @@ async def test_trace_off_sends_no_metrics_and_trace_on_sends_them(start_server: 
         assert 0 < summary.commit_to_first_text_ms <= summary.commit_to_first_audio_ms < 1000
         assert summary.decode_batches == len(batches)
         assert summary.generation_rtf > 0 and summary.server_latency_max_ms >= summary.server_latency_p50_ms >= 0
-        assert summary.first_chunk_frames == 2 and summary.max_stride_frames == 16
+        assert summary.first_chunk_frames == 2 and summary.max_stride_frames == 8
         chunks = [e.audio_chunk for e in events if e.WhichOneof("event") == "audio_chunk"]
         assert all(c.ready_ts_ms >= c.source_ts_ms > 0 for c in chunks)
         assert all(e.ts_ms >= int(e.audio_chunk.ready_ts_ms) for e in events if e.WhichOneof("event") == "audio_chunk")
