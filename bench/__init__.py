@@ -1,1 +1,1 @@
-"""Benchmarks: latency and scale of the voice-chat service (see bench/README.md)."""
+"""Benchmarks: latency and scale of the voice-chat service (see the README's Benchmarks section)."""
