@@ -7,7 +7,7 @@ it terminates TLS on one stable `*.modal.run` address, forwards every gRPC call
 (one HTTP/2 stream; a whole `Converse` conversation is one call) to a container
 over HTTP/2, and adds or removes containers from the number of calls in flight.
 
-Commands, from the repository root (deploy/README.md explains each one):
+Commands, from the repository root (the README's "Deploy to Modal" section explains each one):
 
     modal run deploy/modal_app.py --action download   # weights into the Volume, once
     modal deploy deploy/modal_app.py                   # build the image, start serving
@@ -55,7 +55,7 @@ WEIGHTS_DIR = "/weights"
 HF_HOME = f"{WEIGHTS_DIR}/huggingface"  # the Hugging Face cache lives on the Volume
 LOCAL_PACKAGES = ("service", "voicechat")  # the server and its generated stubs
 
-# -- scaling (deploy/README.md, "Settings and why", has the reasoning) ---------
+# -- scaling (README, "Deploy to Modal" / "Settings and why", has the reasoning) ---------
 TARGET_CONCURRENCY = 4  # conversations per H100 the autoscaler aims for
 MAX_CONCURRENCY = 8  # hard cap per container; the proxy answers 429 (gRPC UNAVAILABLE) beyond
 MIN_CONTAINERS = 1  # one warm H100 at all times: no cold start for the first caller
