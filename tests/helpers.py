@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator, Iterable
 
 import numpy as np
@@ -86,3 +87,20 @@ def response_audio(events: list[pb.ConverseResponse], response_id: str | None = 
         for e in events
         if e.WhichOneof("event") == "audio_chunk" and response_id in (None, e.audio_chunk.response_id)
     )
+
+
+_METRIC_LINE = re.compile(r"^  (\w+)\s+(-?\d+(?:\.\d+)?)$")
+
+
+def metric_blocks(text: str) -> dict[str, dict[str, float]]:
+    """Parse what the clients' --show-metrics prints: `title:` lines, then `  name  value` lines."""
+    blocks: dict[str, dict[str, float]] = {}
+    current: dict[str, float] | None = None
+    for line in text.splitlines():
+        if line.endswith(":") and not line.startswith(" "):
+            current = blocks.setdefault(line[:-1], {})
+        elif current is not None and (match := _METRIC_LINE.match(line)):
+            current[match.group(1)] = float(match.group(2))
+        else:
+            current = None
+    return blocks

@@ -20,13 +20,13 @@ import pytest
 
 from clients.aio import Event, VoiceChatClient, VoiceChatError, make_config
 from clients.connection import ConnectionOptions, TargetError, resolve, target_from_url
+from tests.helpers import metric_blocks
 from tests.speech import speech
 from voicechat.v1 import voicechat_pb2 as pb
 
 REPO = Path(__file__).resolve().parent.parent
 RESPONSE_KINDS = {"response_started", "text_delta", "audio_chunk", "response_ended"}
 TOKEN = "s3cret-token"
-METRIC_LINE = re.compile(r"^  (\w+)\s+(-?\d+(?:\.\d+)?)$")
 
 needs_speech = pytest.mark.skipif(
     shutil.which("espeak-ng") is None or shutil.which("sox") is None, reason="espeak-ng and sox make the test speech"
@@ -49,20 +49,6 @@ def write_wav(path: Path, pcm16: bytes, rate: int) -> None:
         wav.setsampwidth(2)
         wav.setframerate(rate)
         wav.writeframes(pcm16)
-
-
-def metric_blocks(text: str) -> dict[str, dict[str, float]]:
-    """Parse what --show-metrics prints: `title:` lines, then `  name  value` lines."""
-    blocks: dict[str, dict[str, float]] = {}
-    current: dict[str, float] | None = None
-    for line in text.splitlines():
-        if line.endswith(":") and not line.startswith(" "):
-            current = blocks.setdefault(line[:-1], {})
-        elif current is not None and (match := METRIC_LINE.match(line)):
-            current[match.group(1)] = float(match.group(2))
-        else:
-            current = None
-    return blocks
 
 
 async def run_cli(*args: str, env: dict[str, str] | None = None, limit_s: float = 120) -> tuple[int, str, str]:

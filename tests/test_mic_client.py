@@ -31,6 +31,7 @@ import pytest
 from clients.mic import COMMIT, InputTimeline, PlaybackBuffer, SendQueue
 from service.backends.scripted import ScriptedBackend, ScriptedDecoder
 from tests.alsa.devices import FileSoundCard
+from tests.helpers import metric_blocks
 from tests.speech import silence, speech
 
 REPO = Path(__file__).resolve().parent.parent
@@ -293,21 +294,6 @@ def best_alignment(recording: np.ndarray, reference: np.ndarray) -> tuple[int, f
     return offset, score
 
 
-METRIC_LINE = re.compile(r"^  (\w+)\s+(-?\d+(?:\.\d+)?)$")
-
-
-def parse_metric_blocks(text: str) -> dict[str, dict[str, float]]:
-    """The `title:` / `  name  value` blocks that --show-metrics prints."""
-    blocks: dict[str, dict[str, float]] = {}
-    current: dict[str, float] | None = None
-    for line in text.splitlines():
-        if line.endswith(":") and not line.startswith(" "):
-            current = blocks.setdefault(line[:-1], {})
-        elif current is not None and (match := METRIC_LINE.match(line)):
-            current[match.group(1)] = float(match.group(2))
-        else:
-            current = None
-    return blocks
 
 
 @pytest.fixture
@@ -366,7 +352,7 @@ async def test_spoken_turn_through_real_sound_devices(start_server, card_folder:
     print(f"end of speech -> first played sample: client {latency:.0f} ms, sound card {measured:.0f} ms")
 
     # --show-metrics printed the same figures, and the server's trace.
-    blocks = parse_metric_blocks(out)
+    blocks = metric_blocks(out)
     assert blocks["metrics (resp_1)"]["speech_end_to_first_play_ms"] == pytest.approx(latency, abs=0.1)
     assert "prefill_ms" in blocks["metrics (server, resp_1)"]
     assert blocks["session"]["underruns"] == 0
