@@ -199,7 +199,9 @@ class ChatSession:
             elif isinstance(event, InterruptSpeech):
                 self._barge_in(int(event.audio_start_ms))
             elif isinstance(event, SpeechStopped):
-                self._speech_end_ts = now_ms()
+                # the detector confirms the end only after `silence_duration_ms`: date the
+                # end of speech back by the audio received since (input arrives in real time)
+                self._speech_end_ts = now_ms() - (self.tracker.input_ms - event.audio_end_ms)
                 self._put(speech_stopped=pb.SpeechStopped(audio_end_ms=int(event.audio_end_ms)))
             elif isinstance(event, TurnReady):
                 reason = (

@@ -180,3 +180,13 @@ async def test_generate_text_in_and_wav_in(running: Running) -> None:
         pb.GenerateRequest(text="Hi", sampling=pb.SamplingParams(max_new_tokens=5))
     )
     assert short.status == pb.RESPONSE_STATUS_MAX_TOKENS
+
+
+async def test_text_deltas_never_split_a_character(running: Running) -> None:
+    typed = "héllo 你好 🙂 ünïcödé"
+    call = running.stub.Converse(requests([config(), text(typed)]))
+    events = await collect_until(call)
+    call.cancel()
+    deltas = [e.text_delta.text for e in events if e.WhichOneof("event") == "text_delta"]
+    assert len(deltas) > 3 and all("\ufffd" not in d for d in deltas)
+    assert "".join(deltas) == f"Turn 1. You said: {typed}."

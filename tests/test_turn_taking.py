@@ -40,9 +40,10 @@ async def test_server_vad_commits_once_per_utterance_and_not_on_noise(start_serv
     first = speech("What is the weather like today", rate, before_ms=400, after_ms=900)
     click = noise(120, rate, level_dbfs=-12, seed=3) + silence(900, rate)
     second = speech("Tell me a joke please", rate, before_ms=300, after_ms=900)
-    call, queue = _open(running.stub, config(input_sample_rate_hz=rate))
+    call, queue = _open(running.stub, config(input_sample_rate_hz=rate, trace=True))
     feeder = asyncio.create_task(_stream(queue, (first + click + second).pcm16, rate))
     events = await collect_until(call, count=2, within=60)
+    summary = (await collect_until(call, stop_kind="metrics", within=10))[-1].metrics.response
     await feeder
     order = kinds(events)
     assert order.count("turn_committed") == 2 and order.count("speech_started") == 2
@@ -58,6 +59,8 @@ async def test_server_vad_commits_once_per_utterance_and_not_on_noise(start_serv
     assert abs(stops[0] - first.speech_end_ms) < 200
     # every response answers the audio of its own turn, in order
     texts = [e.response_ended.text for e in events if e.WhichOneof("event") == "response_ended"]
+    # end of speech -> commit is the silence the detector waits for (500 ms), dated on the audio
+    assert 400 < summary.speech_end_to_commit_ms < 900
     assert texts[0].startswith("Turn 1. I heard") and "Turn 2. I heard" in texts[1]
     call.cancel()
 
