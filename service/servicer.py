@@ -148,7 +148,7 @@ class VoiceChatServicer(pb_grpc.VoiceChatServiceServicer):
             )
         except ServiceError as exc:
             await context.abort(exc.code, exc.message)
-        session = ChatSession(self.runtime, options, context.peer())
+        session = ChatSession(self.runtime, options)
         await session.start(requests)
         return session
 

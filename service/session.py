@@ -68,11 +68,10 @@ def output_policy(options: SessionOptions, settings: Settings) -> OutputPolicy:
 
 
 class ChatSession:
-    def __init__(self, runtime: Runtime, options: SessionOptions, peer: str = "") -> None:
+    def __init__(self, runtime: Runtime, options: SessionOptions) -> None:
         self.id = "sess_" + uuid.uuid4().hex[:12]
         self.runtime = runtime
         self.options = options
-        self.peer = peer
         settings = runtime.settings
         self.outbox = Outbox(max_audio_ms=settings.max_pending_audio_ms)
         self.conversation: Conversation | None = None
@@ -92,7 +91,6 @@ class ChatSession:
         self._last_request = time.monotonic()
         self._going_away = False
         self._draining = False
-        self.responses_by_status: dict[int, int] = {}
 
     # -- lifecycle ------------------------------------------------------------
     async def start(self, requests: AsyncIterator[pb.ConverseRequest]) -> None:
@@ -354,7 +352,6 @@ class ChatSession:
         self._pending_truncate = None
         self._last_playback_start = run.stats.first_audio_ts or now_ms()
         self._last_playback_end = self._last_playback_start + result.audio_ms
-        self.responses_by_status[result.status] = self.responses_by_status.get(result.status, 0) + 1
         if result.status == pb.RESPONSE_STATUS_FAILED:
             log.warning("%s %s failed: %s", self.id, response_id, result.reason)
         self._put(
