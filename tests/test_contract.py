@@ -182,7 +182,8 @@ async def test_generate_text_in_and_wav_in(running: Running) -> None:
     assert short.status == pb.RESPONSE_STATUS_MAX_TOKENS
 
 
-async def test_text_deltas_never_split_a_character(running: Running) -> None:
+async def test_text_deltas_never_split_a_character(start_server) -> None:
+    running = await start_server(scripted_step_ms=3)  # one token at a time: pieces split characters
     typed = "héllo 你好 🙂 ünïcödé"
     call = running.stub.Converse(requests([config(), text(typed)]))
     events = await collect_until(call)
