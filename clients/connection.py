@@ -22,6 +22,7 @@ the per-call headers.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import urllib.parse
 from dataclasses import dataclass, replace
@@ -176,15 +177,5 @@ def add_connection_args(parser: argparse.ArgumentParser) -> None:
 
 
 def options_from_args(args: argparse.Namespace) -> ConnectionOptions:
-    return ConnectionOptions(
-        target=args.target,
-        tls=args.tls,
-        ca_file=args.ca_file,
-        tls_server_name=args.tls_server_name,
-        token=args.token,
-        modal_key=args.modal_key,
-        modal_secret=args.modal_secret,
-        modal_app=args.modal_app,
-        modal_server=args.modal_server,
-        modal_environment=args.modal_environment,
-    )
+    # the flags are named after the fields (see add_connection_args)
+    return ConnectionOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ConnectionOptions)})

@@ -188,27 +188,8 @@ def detokenizer_config(size: str) -> dict[str, Any]:
         layer_types = ["conv", "conv", "sliding_attention", "conv", "sliding_attention", "conv",
                        "sliding_attention", "conv"]  # fmt: skip
         ff, vocab = 3328, 65536
-    return {
-        "model_type": "lfm2",
-        "architectures": ["Lfm2Model"],
-        "vocab_size": vocab,
-        "hidden_size": 512,
-        "intermediate_size": ff,
-        "num_hidden_layers": len(layer_types),
-        "num_attention_heads": 16,
-        "num_key_value_heads": 8,
-        "layer_types": layer_types,
-        "sliding_window": 30,
-        "max_position_embeddings": 128000,
-        "norm_eps": 1e-05,
-        "conv_L_cache": 3,
-        "conv_bias": False,
-        "block_multiple_of": 256,
-        "block_ffn_dim_multiplier": 1.0,
-        "block_auto_adjust_ff_dim": True,
-        "rope_theta": 1000000.0,
-        "tie_word_embeddings": True,
-    }
+    config = _lfm(vocab=vocab, hidden=512, ff=ff, layer_types=layer_types, heads=16, kv_heads=8)
+    return {"model_type": "lfm2", "architectures": ["Lfm2Model"], **config, "sliding_window": 30}
 
 
 def write_tokenizer(out_dir: Path, vocab_size: int) -> None:

@@ -12,9 +12,6 @@ from pathlib import Path
 
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("liquid_audio")
-
 from scripts.make_tiny_model import build  # noqa: E402
 from service.backends.lfm2 import LFM2Backend  # noqa: E402
 

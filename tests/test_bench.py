@@ -59,8 +59,6 @@ def test_quick_bench_compares_tuned_and_baseline(tmp_path: Path, capsys: pytest.
 
 
 def test_gpu_script_runs_on_the_tiny_model_on_cpu(tmp_path: Path) -> None:
-    pytest.importorskip("torch")
-    pytest.importorskip("liquid_audio")
     from scripts.make_tiny_model import build
 
     model = build(tmp_path / "tiny", variant="lfm2.5", size="tiny")

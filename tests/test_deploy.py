@@ -33,10 +33,8 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import grpc  # noqa: E402
+import modal  # noqa: E402  (the deploy extra is a test dependency)
 import pytest  # noqa: E402
-
-modal = pytest.importorskip("modal", reason="the deploy extra (modal) is not installed")
-
 from modal._image import LATEST_IMAGE_BUILDER_VERSION  # noqa: E402
 from modal._partial_function import (  # noqa: E402
     _find_partial_methods_for_user_cls,
@@ -294,7 +292,6 @@ def test_unknown_action_is_refused() -> None:
 
 @pytest.mark.filterwarnings("ignore:The download_weights function is executing locally")
 def test_download_fetches_what_the_server_loads(monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("liquid_audio", reason="the model extra is not installed")
     import huggingface_hub
 
     from service.backends import BackendLoadError

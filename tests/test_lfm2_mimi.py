@@ -11,8 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-torch = pytest.importorskip("torch")
+import torch  # noqa: E402
 
 from service.backends.base import FRAME_SAMPLES, AudioFrame, BackendLoadError, Sampling  # noqa: E402
 from service.backends.lfm2 import LFM2Backend  # noqa: E402

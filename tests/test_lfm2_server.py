@@ -13,10 +13,6 @@ import wave
 from pathlib import Path
 
 import grpc
-import pytest
-
-pytest.importorskip("torch")
-pytest.importorskip("liquid_audio")
 
 from service.config import Settings  # noqa: E402
 from service.server import VoiceChatServer  # noqa: E402
