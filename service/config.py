@@ -32,6 +32,10 @@ class Settings:
     host: str = _opt("127.0.0.1", "Address to listen on (0.0.0.0 for all interfaces).")
     port: int = _opt(50051, "TCP port (0 picks a free one).")
     log_level: str = _opt("INFO", "Logging level.")
+    log_format: str = _opt("text", "Log format: text (human-readable lines) or json (one object "
+                           "per line with session_id, response_id and peer).", choices=("text", "json"))
+    metrics_port: int = _opt(0, "Serve Prometheus metrics over HTTP on this port at /metrics "
+                             "(0 = off).")
     # -- model (lfm2 backend) -----------------------------------------------
     model: str = _opt(DEFAULT_MODEL, "Hugging Face model id or local checkpoint folder.")
     revision: str = _opt("", "Model revision (commit) to load; empty = the pinned default.")
@@ -46,6 +50,16 @@ class Settings:
     system_prompt: str = _opt("", "System prompt for sessions that send none (empty = the model's "
                               "chat prompt).")
     warmup: bool = _opt(True, "Run a dummy generation and decode before serving.")
+    # -- engine -------------------------------------------------------------
+    engine: str = _opt("auto", "How conversations share the model: batched (one engine thread "
+                       "steps every generating conversation in one forward pass), serial (each "
+                       "response takes the model in turns, step by step: the old behaviour, for "
+                       "comparisons) or auto (batched for lfm2, serial for scripted).",
+                       choices=("auto", "batched", "serial"))
+    max_batch: int = _opt(32, "Most responses generating in one batched forward; more wait "
+                          "in FIFO order.")
+    prefill_chunk: int = _opt(256, "Batched engine: most history positions prefilled per engine "
+                              "iteration, so a long turn does not stall the others' decoding.")
     # -- scripted backend -----------------------------------------------------
     scripted_step_ms: float = _opt(0.0, "Scripted backend: delay per model step (ms), "
                                    "e.g. 15 to mimic a GPU.")
@@ -61,6 +75,8 @@ class Settings:
     max_pending_audio_ms: int = _opt(20_000, "Audio that may wait for a slow reader before "
                                      "the response fails (ms).")
     trace_all: bool = _opt(False, "Send metrics events on every stream.")
+    speculative: bool = _opt(True, "Start the response when the speech stops, before the silence "
+                             "commits the turn (sessions may turn it off).")
     # -- limits -------------------------------------------------------------
     max_sessions: int = _opt(64, "Concurrent Converse streams; beyond it RESOURCE_EXHAUSTED.")
     max_session_seconds: int = _opt(3600, "Longest Converse stream (0 = unlimited).")

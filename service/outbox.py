@@ -17,13 +17,13 @@ Audio waiting for the writer is also bounded in time: past `max_audio_ms`
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
 
+from service.clock import now_ms
 from voicechat.v1 import voicechat_pb2 as pb
 
 
@@ -60,10 +60,6 @@ class _Entry:
     item: Item
     stats: WriteStats | None
     response_id: str = ""
-
-
-def now_ms() -> float:
-    return time.time() * 1000.0
 
 
 class Outbox:

@@ -18,8 +18,12 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from service.backends.engine import Engine
 
 OUTPUT_SAMPLE_RATE = 24_000
 FRAME_SAMPLES = 1_920  # one audio frame = 80 ms at 24 kHz
@@ -77,9 +81,12 @@ class Sampling:
 
 @dataclass(frozen=True, slots=True)
 class TextToken:
-    """A generated text token (special tokens included)."""
+    """A generated text token (special tokens included) and, once an engine has
+    detokenized it, the text it adds ("" for special tokens and while a UTF-8
+    character is incomplete)."""
 
     token_id: int
+    text: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,6 +266,11 @@ class Backend(ABC):
     def detokenize(self, token_ids: Sequence[int]) -> str:
         """Text of the given tokens with special tokens removed. A trailing
         incomplete UTF-8 sequence decodes to U+FFFD (the caller holds it back)."""
+
+    def batched_engine(self, max_batch: int, prefill_chunk: int) -> Engine | None:
+        """An engine that batches conversations in one forward pass, or None
+        when the backend has none (then every response runs on its own)."""
+        return None
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Free model resources at shutdown."""

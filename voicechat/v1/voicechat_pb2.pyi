@@ -11,6 +11,7 @@ class TurnDetectionMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TURN_DETECTION_MODE_UNSPECIFIED: _ClassVar[TurnDetectionMode]
     TURN_DETECTION_MODE_SERVER_VAD: _ClassVar[TurnDetectionMode]
     TURN_DETECTION_MODE_MANUAL: _ClassVar[TurnDetectionMode]
+    TURN_DETECTION_MODE_SEMANTIC: _ClassVar[TurnDetectionMode]
 
 class CommitReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -39,6 +40,7 @@ class GenerateMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 TURN_DETECTION_MODE_UNSPECIFIED: TurnDetectionMode
 TURN_DETECTION_MODE_SERVER_VAD: TurnDetectionMode
 TURN_DETECTION_MODE_MANUAL: TurnDetectionMode
+TURN_DETECTION_MODE_SEMANTIC: TurnDetectionMode
 COMMIT_REASON_UNSPECIFIED: CommitReason
 COMMIT_REASON_SERVER_VAD: CommitReason
 COMMIT_REASON_CLIENT_COMMIT: CommitReason
@@ -75,7 +77,7 @@ class ConverseRequest(_message.Message):
     def __init__(self, config: _Optional[_Union[SessionConfig, _Mapping]] = ..., audio: _Optional[_Union[InputAudio, _Mapping]] = ..., text: _Optional[_Union[InputText, _Mapping]] = ..., commit_turn: _Optional[_Union[CommitTurn, _Mapping]] = ..., cancel_response: _Optional[_Union[CancelResponse, _Mapping]] = ..., truncate: _Optional[_Union[TruncateResponse, _Mapping]] = ..., update_config: _Optional[_Union[UpdateConfig, _Mapping]] = ...) -> None: ...
 
 class SessionConfig(_message.Message):
-    __slots__ = ("input_sample_rate_hz", "system_prompt", "sampling", "turn_detection", "output_audio", "trace", "client_label")
+    __slots__ = ("input_sample_rate_hz", "system_prompt", "sampling", "turn_detection", "output_audio", "trace", "client_label", "input_transcription")
     INPUT_SAMPLE_RATE_HZ_FIELD_NUMBER: _ClassVar[int]
     SYSTEM_PROMPT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +85,7 @@ class SessionConfig(_message.Message):
     OUTPUT_AUDIO_FIELD_NUMBER: _ClassVar[int]
     TRACE_FIELD_NUMBER: _ClassVar[int]
     CLIENT_LABEL_FIELD_NUMBER: _ClassVar[int]
+    INPUT_TRANSCRIPTION_FIELD_NUMBER: _ClassVar[int]
     input_sample_rate_hz: int
     system_prompt: str
     sampling: SamplingParams
@@ -90,7 +93,8 @@ class SessionConfig(_message.Message):
     output_audio: OutputAudioConfig
     trace: bool
     client_label: str
-    def __init__(self, input_sample_rate_hz: _Optional[int] = ..., system_prompt: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., turn_detection: _Optional[_Union[TurnDetection, _Mapping]] = ..., output_audio: _Optional[_Union[OutputAudioConfig, _Mapping]] = ..., trace: _Optional[bool] = ..., client_label: _Optional[str] = ...) -> None: ...
+    input_transcription: bool
+    def __init__(self, input_sample_rate_hz: _Optional[int] = ..., system_prompt: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., turn_detection: _Optional[_Union[TurnDetection, _Mapping]] = ..., output_audio: _Optional[_Union[OutputAudioConfig, _Mapping]] = ..., trace: _Optional[bool] = ..., client_label: _Optional[str] = ..., input_transcription: _Optional[bool] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("text_temperature", "text_top_k", "audio_temperature", "audio_top_k", "max_new_tokens")
@@ -107,20 +111,28 @@ class SamplingParams(_message.Message):
     def __init__(self, text_temperature: _Optional[float] = ..., text_top_k: _Optional[int] = ..., audio_temperature: _Optional[float] = ..., audio_top_k: _Optional[int] = ..., max_new_tokens: _Optional[int] = ...) -> None: ...
 
 class TurnDetection(_message.Message):
-    __slots__ = ("mode", "threshold", "prefix_padding_ms", "silence_duration_ms", "interrupt_response", "min_interrupt_speech_ms")
+    __slots__ = ("mode", "threshold", "prefix_padding_ms", "silence_duration_ms", "interrupt_response", "min_interrupt_speech_ms", "speculative", "eagerness", "semantic_silence_ms", "max_silence_ms")
     MODE_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     PREFIX_PADDING_MS_FIELD_NUMBER: _ClassVar[int]
     SILENCE_DURATION_MS_FIELD_NUMBER: _ClassVar[int]
     INTERRUPT_RESPONSE_FIELD_NUMBER: _ClassVar[int]
     MIN_INTERRUPT_SPEECH_MS_FIELD_NUMBER: _ClassVar[int]
+    SPECULATIVE_FIELD_NUMBER: _ClassVar[int]
+    EAGERNESS_FIELD_NUMBER: _ClassVar[int]
+    SEMANTIC_SILENCE_MS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SILENCE_MS_FIELD_NUMBER: _ClassVar[int]
     mode: TurnDetectionMode
     threshold: float
     prefix_padding_ms: int
     silence_duration_ms: int
     interrupt_response: bool
     min_interrupt_speech_ms: int
-    def __init__(self, mode: _Optional[_Union[TurnDetectionMode, str]] = ..., threshold: _Optional[float] = ..., prefix_padding_ms: _Optional[int] = ..., silence_duration_ms: _Optional[int] = ..., interrupt_response: _Optional[bool] = ..., min_interrupt_speech_ms: _Optional[int] = ...) -> None: ...
+    speculative: bool
+    eagerness: float
+    semantic_silence_ms: int
+    max_silence_ms: int
+    def __init__(self, mode: _Optional[_Union[TurnDetectionMode, str]] = ..., threshold: _Optional[float] = ..., prefix_padding_ms: _Optional[int] = ..., silence_duration_ms: _Optional[int] = ..., interrupt_response: _Optional[bool] = ..., min_interrupt_speech_ms: _Optional[int] = ..., speculative: _Optional[bool] = ..., eagerness: _Optional[float] = ..., semantic_silence_ms: _Optional[int] = ..., max_silence_ms: _Optional[int] = ...) -> None: ...
 
 class OutputAudioConfig(_message.Message):
     __slots__ = ("chunk_ms", "first_chunk_frames", "max_stride_frames")
@@ -175,7 +187,7 @@ class UpdateConfig(_message.Message):
     def __init__(self, sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., turn_detection: _Optional[_Union[TurnDetection, _Mapping]] = ..., trace: _Optional[bool] = ...) -> None: ...
 
 class ConverseResponse(_message.Message):
-    __slots__ = ("ts_ms", "seq", "session_started", "speech_started", "speech_stopped", "turn_committed", "response_started", "text_delta", "audio_chunk", "playback_interrupted", "response_ended", "metrics", "error", "go_away")
+    __slots__ = ("ts_ms", "seq", "session_started", "speech_started", "speech_stopped", "turn_committed", "response_started", "text_delta", "audio_chunk", "playback_interrupted", "response_ended", "metrics", "error", "go_away", "input_transcription", "response_truncated")
     TS_MS_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     SESSION_STARTED_FIELD_NUMBER: _ClassVar[int]
@@ -190,6 +202,8 @@ class ConverseResponse(_message.Message):
     METRICS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     GO_AWAY_FIELD_NUMBER: _ClassVar[int]
+    INPUT_TRANSCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_TRUNCATED_FIELD_NUMBER: _ClassVar[int]
     ts_ms: int
     seq: int
     session_started: SessionStarted
@@ -204,7 +218,9 @@ class ConverseResponse(_message.Message):
     metrics: Metrics
     error: Error
     go_away: GoAway
-    def __init__(self, ts_ms: _Optional[int] = ..., seq: _Optional[int] = ..., session_started: _Optional[_Union[SessionStarted, _Mapping]] = ..., speech_started: _Optional[_Union[SpeechStarted, _Mapping]] = ..., speech_stopped: _Optional[_Union[SpeechStopped, _Mapping]] = ..., turn_committed: _Optional[_Union[TurnCommitted, _Mapping]] = ..., response_started: _Optional[_Union[ResponseStarted, _Mapping]] = ..., text_delta: _Optional[_Union[TextDelta, _Mapping]] = ..., audio_chunk: _Optional[_Union[AudioChunk, _Mapping]] = ..., playback_interrupted: _Optional[_Union[PlaybackInterrupted, _Mapping]] = ..., response_ended: _Optional[_Union[ResponseEnded, _Mapping]] = ..., metrics: _Optional[_Union[Metrics, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., go_away: _Optional[_Union[GoAway, _Mapping]] = ...) -> None: ...
+    input_transcription: InputTranscription
+    response_truncated: ResponseTruncated
+    def __init__(self, ts_ms: _Optional[int] = ..., seq: _Optional[int] = ..., session_started: _Optional[_Union[SessionStarted, _Mapping]] = ..., speech_started: _Optional[_Union[SpeechStarted, _Mapping]] = ..., speech_stopped: _Optional[_Union[SpeechStopped, _Mapping]] = ..., turn_committed: _Optional[_Union[TurnCommitted, _Mapping]] = ..., response_started: _Optional[_Union[ResponseStarted, _Mapping]] = ..., text_delta: _Optional[_Union[TextDelta, _Mapping]] = ..., audio_chunk: _Optional[_Union[AudioChunk, _Mapping]] = ..., playback_interrupted: _Optional[_Union[PlaybackInterrupted, _Mapping]] = ..., response_ended: _Optional[_Union[ResponseEnded, _Mapping]] = ..., metrics: _Optional[_Union[Metrics, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., go_away: _Optional[_Union[GoAway, _Mapping]] = ..., input_transcription: _Optional[_Union[InputTranscription, _Mapping]] = ..., response_truncated: _Optional[_Union[ResponseTruncated, _Mapping]] = ...) -> None: ...
 
 class SessionStarted(_message.Message):
     __slots__ = ("session_id", "config", "limits", "model", "output_sample_rate_hz")
@@ -307,7 +323,7 @@ class PlaybackInterrupted(_message.Message):
     def __init__(self, response_id: _Optional[str] = ..., audio_start_ms: _Optional[int] = ...) -> None: ...
 
 class ResponseEnded(_message.Message):
-    __slots__ = ("response_id", "status", "reason", "text", "text_tokens", "audio_frames", "audio_ms")
+    __slots__ = ("response_id", "status", "reason", "text", "text_tokens", "audio_frames", "audio_ms", "heard_text")
     RESPONSE_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
@@ -315,6 +331,7 @@ class ResponseEnded(_message.Message):
     TEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     AUDIO_FRAMES_FIELD_NUMBER: _ClassVar[int]
     AUDIO_MS_FIELD_NUMBER: _ClassVar[int]
+    HEARD_TEXT_FIELD_NUMBER: _ClassVar[int]
     response_id: str
     status: ResponseStatus
     reason: str
@@ -322,7 +339,26 @@ class ResponseEnded(_message.Message):
     text_tokens: int
     audio_frames: int
     audio_ms: int
-    def __init__(self, response_id: _Optional[str] = ..., status: _Optional[_Union[ResponseStatus, str]] = ..., reason: _Optional[str] = ..., text: _Optional[str] = ..., text_tokens: _Optional[int] = ..., audio_frames: _Optional[int] = ..., audio_ms: _Optional[int] = ...) -> None: ...
+    heard_text: str
+    def __init__(self, response_id: _Optional[str] = ..., status: _Optional[_Union[ResponseStatus, str]] = ..., reason: _Optional[str] = ..., text: _Optional[str] = ..., text_tokens: _Optional[int] = ..., audio_frames: _Optional[int] = ..., audio_ms: _Optional[int] = ..., heard_text: _Optional[str] = ...) -> None: ...
+
+class InputTranscription(_message.Message):
+    __slots__ = ("turn_id", "text")
+    TURN_ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    turn_id: str
+    text: str
+    def __init__(self, turn_id: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
+
+class ResponseTruncated(_message.Message):
+    __slots__ = ("response_id", "audio_kept_ms", "heard_text")
+    RESPONSE_ID_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_KEPT_MS_FIELD_NUMBER: _ClassVar[int]
+    HEARD_TEXT_FIELD_NUMBER: _ClassVar[int]
+    response_id: str
+    audio_kept_ms: int
+    heard_text: str
+    def __init__(self, response_id: _Optional[str] = ..., audio_kept_ms: _Optional[int] = ..., heard_text: _Optional[str] = ...) -> None: ...
 
 class Metrics(_message.Message):
     __slots__ = ("response_id", "response", "decode_batch")
@@ -335,7 +371,7 @@ class Metrics(_message.Message):
     def __init__(self, response_id: _Optional[str] = ..., response: _Optional[_Union[ResponseMetrics, _Mapping]] = ..., decode_batch: _Optional[_Union[DecodeBatchMetrics, _Mapping]] = ...) -> None: ...
 
 class ResponseMetrics(_message.Message):
-    __slots__ = ("speech_end_to_commit_ms", "prefill_ms", "commit_to_first_text_ms", "commit_to_first_audio_ms", "tokens_before_first_audio", "generation_ms", "generation_rtf", "decode_batches", "decode_ms_total", "decode_ms_max", "server_latency_p50_ms", "server_latency_max_ms", "queue_high_water", "text_coalesced", "audio_merged", "first_chunk_frames", "max_stride_frames", "step_to_write_p50_ms", "step_to_write_max_ms")
+    __slots__ = ("speech_end_to_commit_ms", "prefill_ms", "commit_to_first_text_ms", "commit_to_first_audio_ms", "tokens_before_first_audio", "generation_ms", "generation_rtf", "decode_batches", "decode_ms_total", "decode_ms_max", "server_latency_p50_ms", "server_latency_max_ms", "queue_high_water", "text_coalesced", "audio_merged", "first_chunk_frames", "max_stride_frames", "step_to_write_p50_ms", "step_to_write_max_ms", "speculative", "speculative_starts", "speculative_discards", "end_of_turn_probability", "engine_wait_ms")
     SPEECH_END_TO_COMMIT_MS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_MS_FIELD_NUMBER: _ClassVar[int]
     COMMIT_TO_FIRST_TEXT_MS_FIELD_NUMBER: _ClassVar[int]
@@ -355,6 +391,11 @@ class ResponseMetrics(_message.Message):
     MAX_STRIDE_FRAMES_FIELD_NUMBER: _ClassVar[int]
     STEP_TO_WRITE_P50_MS_FIELD_NUMBER: _ClassVar[int]
     STEP_TO_WRITE_MAX_MS_FIELD_NUMBER: _ClassVar[int]
+    SPECULATIVE_FIELD_NUMBER: _ClassVar[int]
+    SPECULATIVE_STARTS_FIELD_NUMBER: _ClassVar[int]
+    SPECULATIVE_DISCARDS_FIELD_NUMBER: _ClassVar[int]
+    END_OF_TURN_PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
     speech_end_to_commit_ms: float
     prefill_ms: float
     commit_to_first_text_ms: float
@@ -374,7 +415,12 @@ class ResponseMetrics(_message.Message):
     max_stride_frames: int
     step_to_write_p50_ms: float
     step_to_write_max_ms: float
-    def __init__(self, speech_end_to_commit_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., commit_to_first_text_ms: _Optional[float] = ..., commit_to_first_audio_ms: _Optional[float] = ..., tokens_before_first_audio: _Optional[int] = ..., generation_ms: _Optional[float] = ..., generation_rtf: _Optional[float] = ..., decode_batches: _Optional[int] = ..., decode_ms_total: _Optional[float] = ..., decode_ms_max: _Optional[float] = ..., server_latency_p50_ms: _Optional[float] = ..., server_latency_max_ms: _Optional[float] = ..., queue_high_water: _Optional[int] = ..., text_coalesced: _Optional[int] = ..., audio_merged: _Optional[int] = ..., first_chunk_frames: _Optional[int] = ..., max_stride_frames: _Optional[int] = ..., step_to_write_p50_ms: _Optional[float] = ..., step_to_write_max_ms: _Optional[float] = ...) -> None: ...
+    speculative: bool
+    speculative_starts: int
+    speculative_discards: int
+    end_of_turn_probability: float
+    engine_wait_ms: float
+    def __init__(self, speech_end_to_commit_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., commit_to_first_text_ms: _Optional[float] = ..., commit_to_first_audio_ms: _Optional[float] = ..., tokens_before_first_audio: _Optional[int] = ..., generation_ms: _Optional[float] = ..., generation_rtf: _Optional[float] = ..., decode_batches: _Optional[int] = ..., decode_ms_total: _Optional[float] = ..., decode_ms_max: _Optional[float] = ..., server_latency_p50_ms: _Optional[float] = ..., server_latency_max_ms: _Optional[float] = ..., queue_high_water: _Optional[int] = ..., text_coalesced: _Optional[int] = ..., audio_merged: _Optional[int] = ..., first_chunk_frames: _Optional[int] = ..., max_stride_frames: _Optional[int] = ..., step_to_write_p50_ms: _Optional[float] = ..., step_to_write_max_ms: _Optional[float] = ..., speculative: _Optional[bool] = ..., speculative_starts: _Optional[int] = ..., speculative_discards: _Optional[int] = ..., end_of_turn_probability: _Optional[float] = ..., engine_wait_ms: _Optional[float] = ...) -> None: ...
 
 class DecodeBatchMetrics(_message.Message):
     __slots__ = ("frames", "decode_ms", "backlog_frames")
