@@ -62,3 +62,20 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, ServiceError):
         return exc.code, exc.message
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}"
+
+
+class Undecodable:
+    """Stands in for a request whose bytes are not a valid message of its type.
+
+    The server's request deserializers return one instead of raising, so the
+    handler answers INVALID_ARGUMENT at whatever point of the stream it arrives
+    (grpc would otherwise end the call with UNKNOWN and log a traceback)."""
+
+    __slots__ = ("message_type", "size")
+
+    def __init__(self, message_type: str, size: int) -> None:
+        self.message_type = message_type
+        self.size = size
+
+    def error(self) -> InvalidArgument:
+        return InvalidArgument(f"not a valid {self.message_type} ({self.size} bytes that do not parse)")

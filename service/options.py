@@ -34,11 +34,21 @@ class SessionOptions:
     max_stride_frames: int
     trace: bool
     client_label: str = ""
+    input_transcription: bool = False
+
+
+def _number(value: float) -> str:
+    """A number as the client sent it: integers whole, floats in their shortest exact form."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e16:
+        return str(int(value))
+    return repr(value)
 
 
 def _check_range(value: float, low: float, high: float, field: str) -> None:
-    if isinstance(value, float) and not math.isfinite(value) or not low <= value <= high:
-        raise InvalidArgument(f"{field} must be between {low:g} and {high:g}, got {value:g}", field)
+    if (isinstance(value, float) and not math.isfinite(value)) or not low <= value <= high:
+        raise InvalidArgument(
+            f"{field} must be between {_number(low)} and {_number(high)}, got {_number(value)}", field
+        )
 
 
 def resolve_sampling(base: Sampling, msg: pb.SamplingParams, max_new_tokens: int, field: str) -> Sampling:
@@ -58,12 +68,18 @@ def resolve_sampling(base: Sampling, msg: pb.SamplingParams, max_new_tokens: int
     return dataclasses.replace(base, **changes)
 
 
+_TURN_MODES = {
+    pb.TURN_DETECTION_MODE_SERVER_VAD: TurnMode.SERVER_VAD,
+    pb.TURN_DETECTION_MODE_MANUAL: TurnMode.MANUAL,
+    pb.TURN_DETECTION_MODE_SEMANTIC: TurnMode.SEMANTIC,
+}
+_TURN_MODES_OUT = {mode: value for value, mode in _TURN_MODES.items()}
+
+
 def resolve_turn(base: TurnSettings, msg: pb.TurnDetection, field: str) -> TurnSettings:
     changes: dict[str, Any] = {}
-    if msg.mode == pb.TURN_DETECTION_MODE_MANUAL:
-        changes["mode"] = TurnMode.MANUAL
-    elif msg.mode == pb.TURN_DETECTION_MODE_SERVER_VAD:
-        changes["mode"] = TurnMode.SERVER_VAD
+    if msg.mode in _TURN_MODES:
+        changes["mode"] = _TURN_MODES[msg.mode]
     elif msg.mode != pb.TURN_DETECTION_MODE_UNSPECIFIED:
         raise InvalidArgument(f"{field}.mode {msg.mode} is not a TurnDetectionMode", f"{field}.mode")
     for name, low, high in (
@@ -71,14 +87,30 @@ def resolve_turn(base: TurnSettings, msg: pb.TurnDetection, field: str) -> TurnS
         ("prefix_padding_ms", 0, 2000),
         ("silence_duration_ms", 100, 5000),
         ("min_interrupt_speech_ms", 0, 2000),
+        ("eagerness", 0.05, 0.95),
+        ("semantic_silence_ms", 100, 2000),
+        ("max_silence_ms", 200, 10_000),
     ):
         if msg.HasField(name):
             value = getattr(msg, name)
             _check_range(value, low, high, f"{field}.{name}")
             changes[name] = value
-    if msg.HasField("interrupt_response"):
-        changes["interrupt_response"] = msg.interrupt_response
-    return dataclasses.replace(base, **changes)
+    for flag in ("interrupt_response", "speculative"):
+        if msg.HasField(flag):
+            changes[flag] = getattr(msg, flag)
+    turn = dataclasses.replace(base, **changes)
+    if turn.max_silence_ms < turn.semantic_silence_ms:
+        raise InvalidArgument(
+            f"{field}.max_silence_ms ({turn.max_silence_ms}) must be at least semantic_silence_ms "
+            f"({turn.semantic_silence_ms})",
+            f"{field}.max_silence_ms",
+        )
+    return turn
+
+
+def check_system_prompt(prompt: str, settings: Settings, field: str) -> None:
+    if len(prompt) > settings.max_text_chars:
+        raise InvalidArgument(f"{field} is longer than {settings.max_text_chars} characters ({len(prompt)})", field)
 
 
 def resolve_options(
@@ -91,10 +123,7 @@ def resolve_options(
             f"config.input_sample_rate_hz must be one of {', '.join(map(str, INPUT_SAMPLE_RATES))}, got {rate}",
             "config.input_sample_rate_hz",
         )
-    if len(msg.system_prompt) > settings.max_text_chars:
-        raise InvalidArgument(
-            f"config.system_prompt is longer than {settings.max_text_chars} characters", "config.system_prompt"
-        )
+    check_system_prompt(msg.system_prompt, settings, "config.system_prompt")
     if len(msg.client_label) > 64:
         raise InvalidArgument("config.client_label is longer than 64 characters", "config.client_label")
     out = msg.output_audio
@@ -109,12 +138,17 @@ def resolve_options(
         input_sample_rate_hz=rate,
         system_prompt=msg.system_prompt or default_prompt,
         sampling=resolve_sampling(base_sampling, msg.sampling, settings.max_new_tokens, "config.sampling"),
-        turn=resolve_turn(TurnSettings(max_turn_ms=settings.max_turn_ms), msg.turn_detection, "config.turn_detection"),
+        turn=resolve_turn(
+            TurnSettings(max_turn_ms=settings.max_turn_ms, speculative=settings.speculative),
+            msg.turn_detection,
+            "config.turn_detection",
+        ),
         chunk_ms=chunk_ms,
         first_chunk_frames=min(first, stride),
         max_stride_frames=stride,
         trace=msg.trace or trace or settings.trace_all,
         client_label=msg.client_label,
+        input_transcription=msg.input_transcription,
     )
 
 
@@ -130,7 +164,7 @@ def apply_update(options: SessionOptions, msg: pb.UpdateConfig, settings: Settin
 
 def options_to_proto(options: SessionOptions) -> pb.SessionConfig:
     s, t = options.sampling, options.turn
-    mode = pb.TURN_DETECTION_MODE_MANUAL if t.mode is TurnMode.MANUAL else pb.TURN_DETECTION_MODE_SERVER_VAD
+    mode = _TURN_MODES_OUT[t.mode]
     return pb.SessionConfig(
         input_sample_rate_hz=options.input_sample_rate_hz,
         system_prompt=options.system_prompt,
@@ -148,6 +182,10 @@ def options_to_proto(options: SessionOptions) -> pb.SessionConfig:
             silence_duration_ms=t.silence_duration_ms,
             interrupt_response=t.interrupt_response,
             min_interrupt_speech_ms=t.min_interrupt_speech_ms,
+            speculative=t.speculative,
+            eagerness=t.eagerness,
+            semantic_silence_ms=t.semantic_silence_ms,
+            max_silence_ms=t.max_silence_ms,
         ),
         output_audio=pb.OutputAudioConfig(
             chunk_ms=options.chunk_ms,
@@ -156,6 +194,7 @@ def options_to_proto(options: SessionOptions) -> pb.SessionConfig:
         ),
         trace=options.trace,
         client_label=options.client_label,
+        input_transcription=options.input_transcription,
     )
 
 

@@ -78,6 +78,7 @@ _GATE_SETTLE_WINDOWS: Final = 4
 class TurnMode(StrEnum):
     SERVER_VAD = "server_vad"
     MANUAL = "manual"
+    SEMANTIC = "semantic"
 
 
 class CommitReason(StrEnum):
@@ -106,6 +107,14 @@ class TurnSettings:
     max_turn_ms: int = 60_000
     # Shortest speech that makes a turn (not in the proto): shorter sounds are noise.
     min_speech_ms: int = 250
+    # Start the response when the speech stops, before the silence commits the turn.
+    speculative: bool = True
+    # Semantic mode: commit once P(finished) >= 1 - eagerness.
+    eagerness: float = 0.5
+    # Semantic mode: silence after which the end-of-turn model first judges the turn.
+    semantic_silence_ms: int = 200
+    # Semantic mode: silence that ends the turn whatever the model says.
+    max_silence_ms: int = 2000
 
 
 @dataclass(frozen=True, slots=True)

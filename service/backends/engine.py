@@ -382,4 +382,3 @@ class _Counting:
 
     def finished(self, reason: EndReason | None, error: BaseException | None) -> None:
         self._sink.finished(reason, error)
-
