@@ -117,6 +117,11 @@ class AssistantTurn:
         """Audio frames with sound (the end-of-audio frame not counted)."""
         return sum(isinstance(s, AudioFrame) and not is_end_of_audio(s.codes) for s in self.steps)
 
+    @property
+    def text(self) -> str:
+        """The text of the turn (as detokenized by the engine)."""
+        return "".join(s.text for s in self.steps if isinstance(s, TextToken))
+
     def truncated(self, audio_frames_kept: int) -> AssistantTurn:
         """The prefix of this turn up to (not including) audio frame number
         `audio_frames_kept`: what a listener who heard that many frames heard."""
@@ -160,15 +165,32 @@ class Conversation(ABC):
         self._flush_pending()
         self._pending = turn
 
-    def truncate_response(self, audio_frames_kept: int) -> bool:
-        """Keep only what the listener heard of the latest response.
-
-        Returns False when there is no pending response to truncate (it was
-        already followed by new user input)."""
+    def truncate_response(self, audio_frames_kept: int) -> AssistantTurn | None:
+        """Keep only what the listener heard of the latest response; return
+        what is kept, or None when there is no pending response to truncate
+        (it was already followed by new user input)."""
         if self._pending is None:
-            return False
+            return None
         self._pending = self._pending.truncated(audio_frames_kept)
-        return True
+        return self._pending
+
+    # -- speculation ----------------------------------------------------------
+    def snapshot(self) -> object:
+        """An opaque copy of the history, for `restore` (a speculative response
+        is generated after one and undone with the other)."""
+        return (self._pending, self._snapshot())
+
+    def restore(self, snapshot: object) -> None:
+        """Put the history back exactly as it was at `snapshot()`."""
+        pending, state = snapshot  # type: ignore[misc]
+        self._restore(state)
+        self._pending = pending
+
+    def _snapshot(self) -> object:
+        raise NotImplementedError(f"{type(self).__name__} cannot undo a speculative response")
+
+    def _restore(self, state: object) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot undo a speculative response")
 
     def _flush_pending(self) -> None:
         if self._pending is not None:
@@ -253,9 +275,7 @@ class Backend(ABC):
         """The system prompt used when the client gives none."""
 
     @abstractmethod
-    def new_conversation(
-        self, system_prompt: str, mode: GenerateMode = GenerateMode.CHAT
-    ) -> Conversation:
+    def new_conversation(self, system_prompt: str, mode: GenerateMode = GenerateMode.CHAT) -> Conversation:
         """Fresh conversation state starting with `system_prompt`."""
 
     @abstractmethod

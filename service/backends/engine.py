@@ -90,6 +90,9 @@ class GenerationRequest:
     conversation: ConversationRef
     user: UserTurn
     sampling: Sampling
+    # started before the turn was committed: an engine admits committed
+    # requests first, so speculation never delays a committed response
+    speculative: bool = False
 
 
 class StepSink(Protocol):
@@ -107,19 +110,45 @@ class StepSink(Protocol):
 
 
 class RequestHandle:
-    """A submitted request; `abort()` stops it at its next step."""
+    """A submitted request; `abort()` stops it at its next step.
+
+    `pause()` holds it before its next step without giving up its place (a
+    speculative response waits for its commit this way) until `resume()`;
+    engines skip paused requests' rows. All methods are thread-safe."""
 
     def __init__(self, request: GenerationRequest) -> None:
         self.request = request
         self.submitted_ms = now_ms()
         self.stop = threading.Event()
+        self._cond = threading.Condition()
+        self._paused = False
 
     def abort(self) -> None:
-        self.stop.set()
+        with self._cond:
+            self.stop.set()
+            self._cond.notify_all()
 
     @property
     def aborted(self) -> bool:
         return self.stop.is_set()
+
+    def pause(self) -> None:
+        with self._cond:
+            self._paused = True
+
+    def resume(self) -> None:
+        with self._cond:
+            self._paused = False
+            self._cond.notify_all()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused and not self.stop.is_set()
+
+    def wait_while_paused(self) -> None:
+        """Block the calling engine thread while paused (returns at once on abort)."""
+        with self._cond:
+            self._cond.wait_for(lambda: not self._paused or self.stop.is_set())
 
 
 @dataclass
@@ -212,6 +241,7 @@ def run_generation(
         if user.text:
             state.add_user_text(user.text)
         for step in state.generate(request.sampling, handle.stop):
+            handle.wait_while_paused()
             if isinstance(step, Finished):
                 end = step.reason
                 break

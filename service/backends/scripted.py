@@ -108,6 +108,24 @@ class ScriptedConversation(Conversation):
         if self._backend.last_reply_frames.get(id(self)) not in (None, turn.audio_frames):
             self._heard_note = f"(You heard {turn.audio_frames * FRAME_MS} ms of my last answer.) "
 
+    def _snapshot(self) -> object:
+        last = self._backend.last_reply_frames.get(id(self))
+        return (list(self.history), list(self._user_text), self._user_audio_s, self._heard_note, self.turns, last)
+
+    def _restore(self, state: object) -> None:
+        history, user_text, audio_s, note, turns, last = state  # type: ignore[misc]
+        self.history, self._user_text, self._user_audio_s, self._heard_note, self.turns = (
+            list(history),
+            list(user_text),
+            audio_s,
+            note,
+            turns,
+        )
+        if last is None:
+            self._backend.last_reply_frames.pop(id(self), None)
+        else:
+            self._backend.last_reply_frames[id(self)] = last
+
     def _reply(self) -> tuple[str, int | None]:
         text = " ".join(self._user_text)
         match = _FRAMES_RE.search(text)
@@ -134,13 +152,10 @@ class ScriptedConversation(Conversation):
         self._backend.last_reply_frames[id(self)] = frames
         return self._steps(reply, frames, sampling, stop, fail)
 
-    def _steps(
-        self, reply: str, frames: int, sampling: Sampling, stop: threading.Event, fail: bool
-    ) -> Iterator[Step]:
+    def _steps(self, reply: str, frames: int, sampling: Sampling, stop: threading.Event, fail: bool) -> Iterator[Step]:
         backend = self._backend
         text = encode_text(reply) + [TEXT_END]
-        audio = [frame_codes(reply[i % max(1, len(reply))], i, sampling.audio_temperature)
-                 for i in range(frames)]
+        audio = [frame_codes(reply[i % max(1, len(reply))], i, sampling.audio_temperature) for i in range(frames)]
         if frames:
             audio.append(np.full(NUM_CODEBOOKS, END_OF_AUDIO_CODE, dtype=np.int64))
         if backend.prefill_s:
@@ -227,8 +242,11 @@ class ScriptedBackend(Backend):
     def warmup(self) -> None:
         conversation = self.new_conversation("warmup")
         conversation.add_user_text("warmup #frames=2")
-        frames = [s.codes for s in conversation.generate(Sampling(), threading.Event())
-                  if isinstance(s, AudioFrame) and s.codes[0] != END_OF_AUDIO_CODE]
+        frames = [
+            s.codes
+            for s in conversation.generate(Sampling(), threading.Event())
+            if isinstance(s, AudioFrame) and s.codes[0] != END_OF_AUDIO_CODE
+        ]
         ScriptedDecoder(0.0).decode(frames)
         self.last_reply_frames.pop(id(conversation), None)
         self.warmed_up = True
@@ -243,9 +261,7 @@ class ScriptedBackend(Backend):
             GenerateMode.SYNTHESIZE: "Perform TTS. Use the US female voice.",
         }[mode]
 
-    def new_conversation(
-        self, system_prompt: str, mode: GenerateMode = GenerateMode.CHAT
-    ) -> ScriptedConversation:
+    def new_conversation(self, system_prompt: str, mode: GenerateMode = GenerateMode.CHAT) -> ScriptedConversation:
         return ScriptedConversation(self, system_prompt, mode)
 
     def new_decoder(self) -> ScriptedDecoder:
