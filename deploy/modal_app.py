@@ -137,13 +137,13 @@ class VoiceChat:
         ever meets a cold model. The grpc.aio server keeps running on the event
         loop Modal runs until SIGTERM.
         """
-        from service.__main__ import configure_logging
         from service.backends import BackendLoadError
         from service.config import parse_args
+        from service.logs import configure_logging
         from service.server import VoiceChatServer
 
         settings = parse_args([])  # `python -m service` with no flags: all from VOICECHAT_*
-        configure_logging(settings.log_level)
+        configure_logging(settings.log_level, settings.log_format)
         log.info("%r", settings)  # Settings.__repr__ masks the token
         self.server = VoiceChatServer(settings)
         try:

@@ -10,18 +10,15 @@ from collections.abc import Sequence
 
 from service.backends.base import BackendLoadError
 from service.config import parse_args
+from service.logs import configure_logging
 from service.server import VoiceChatServer
 
 log = logging.getLogger("service")
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
 async def serve(argv: Sequence[str] | None = None) -> int:
     settings = parse_args(argv)
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     log.info("%r", settings)
     server = VoiceChatServer(settings)
     stop = asyncio.Event()
