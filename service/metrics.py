@@ -1,0 +1,282 @@
+"""Prometheus metrics: what an operator watches, served over HTTP at /metrics.
+
+Every server owns one `ServiceMetrics` with a registry of its own, not
+prometheus_client's global one: tests (and benchmarks) run several servers in
+one process, and each must count only its own sessions. The server always
+counts (an increment is a lock and an add); it serves the registry only when
+`--metrics-port` is set, from prometheus_client's HTTP server in a daemon
+thread, so a scrape never runs on the event loop.
+
+Label values come from closed sets (gRPC status names, commit reasons,
+response statuses): nothing per session, response or peer ever becomes a
+label, so the number of series stays bounded whatever the traffic.
+
+Engine figures (model steps, rows, turns waiting for the model) are read from
+the engine's `EngineStats` at scrape time by a collector; nothing polls.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any, Protocol
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from service.backends.engine import EngineStats
+from voicechat.v1 import voicechat_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+PREFIX = "voicechat"
+_STATUS_NAMES = frozenset(code.name for code in grpc.StatusCode)
+
+# Bucket bounds, in seconds unless said otherwise. The latency targets sit
+# inside the finest part of each range (first audio ~120 ms, server-added
+# latency < 5 ms per event, VAD silence 500 ms).
+SPEECH_END_TO_COMMIT_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.75, 1.0, 1.5, 2.0, 3.0)
+FIRST_AUDIO_BUCKETS = (0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0)
+PREFILL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+RTF_BUCKETS = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 20.0)  # audio seconds per wall second
+EVENT_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
+ENGINE_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def status_code_label(code: grpc.StatusCode | str | None) -> str:
+    """A gRPC status name ("OK" for None); anything else becomes "UNKNOWN"."""
+    if code is None:
+        return "OK"
+    name = code.name if isinstance(code, grpc.StatusCode) else str(code).upper()
+    return name if name in _STATUS_NAMES else "UNKNOWN"
+
+
+# Label values of the enums, without their prefixes: "server_vad", "completed", ...
+# "semantic" is the semantic turn detector's commit (its reason may not be in
+# the enum of every build); anything else counts as "unspecified".
+COMMIT_REASONS = frozenset({n.removeprefix("COMMIT_REASON_").lower() for n in pb.CommitReason.keys()} | {"semantic"})
+RESPONSE_STATUSES = frozenset(n.removeprefix("RESPONSE_STATUS_").lower() for n in pb.ResponseStatus.keys())
+
+
+def commit_reason_label(reason: int | str) -> str:
+    """`pb.COMMIT_REASON_SERVER_VAD` or "server_vad" -> "server_vad"."""
+    return _enum_label(pb.CommitReason, "COMMIT_REASON_", reason, COMMIT_REASONS)
+
+
+def response_status_label(status: int | str) -> str:
+    """`pb.RESPONSE_STATUS_COMPLETED` or "completed" -> "completed"."""
+    return _enum_label(pb.ResponseStatus, "RESPONSE_STATUS_", status, RESPONSE_STATUSES)
+
+
+def _enum_label(enum: Any, prefix: str, value: int | str, known: frozenset[str]) -> str:
+    if isinstance(value, str):
+        label = value.lower().removeprefix(prefix.lower())
+    else:
+        try:
+            label = str(enum.Name(value)).removeprefix(prefix).lower()
+        except ValueError:
+            label = ""
+    return label if label in known else "unspecified"
+
+
+class HasEngineStats(Protocol):
+    stats: EngineStats
+
+
+class _EngineCollector(Collector):
+    """Reads the engine's counters when Prometheus scrapes (EngineStats is
+    read without locking, like everywhere else: approximate by design)."""
+
+    def __init__(self) -> None:
+        self.engine: HasEngineStats | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        engine = self.engine
+        if engine is None:
+            return
+        stats = engine.stats
+        steps = CounterMetricFamily(
+            f"{PREFIX}_engine_steps", "Model steps taken by the engine (one batched forward counts once)."
+        )
+        steps.add_metric([], stats.steps)
+        rows = CounterMetricFamily(
+            f"{PREFIX}_engine_rows",
+            "Rows (responses) advanced by model steps, summed over steps; rows per step = "
+            "rate(voicechat_engine_rows_total) / rate(voicechat_engine_steps_total).",
+        )
+        rows.add_metric([], stats.rows)
+        waiting = GaugeMetricFamily(f"{PREFIX}_engine_waiting_turns", "Turns waiting for a place in the model now.")
+        waiting.add_metric([], stats.waiting)
+        running = GaugeMetricFamily(f"{PREFIX}_engine_running", "Responses generating in the model now.")
+        running.add_metric([], stats.running)
+        yield from (steps, rows, waiting, running)
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())  # names are not known to the registry up front: no clash checks needed
+
+
+class ServiceMetrics:
+    """Every series the server exports, in a registry of its own.
+
+    Methods are cheap and called on the event loop; none blocks."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.sessions_live = Gauge(f"{PREFIX}_sessions_live", "Converse streams open now.", registry=r)
+        self.sessions_started = Counter(f"{PREFIX}_sessions_started", "Converse streams opened.", registry=r)
+        self.sessions_ended = Counter(
+            f"{PREFIX}_sessions_ended", "Converse streams ended, by gRPC status code.", ["code"], registry=r
+        )
+        self.turns_committed = Counter(
+            f"{PREFIX}_turns_committed", "User turns committed, by what ended them.", ["reason"], registry=r
+        )
+        self.responses = Counter(f"{PREFIX}_responses", "Responses ended, by status.", ["status"], registry=r)
+        self.errors = Counter(
+            f"{PREFIX}_errors", "In-stream error events sent to clients, by code.", ["code"], registry=r
+        )
+        self.input_transcriptions = Counter(
+            f"{PREFIX}_input_transcriptions", "InputTranscription events sent (spoken turns transcribed).", registry=r
+        )
+        self.text_coalesced = Counter(
+            f"{PREFIX}_text_deltas_coalesced",
+            "Text deltas merged into a queued one because a client read slowly.",
+            registry=r,
+        )
+        self.audio_merged = Counter(
+            f"{PREFIX}_audio_chunks_merged",
+            "Audio chunks merged into a queued one because a client read slowly.",
+            registry=r,
+        )
+        self.speech_end_to_commit = Histogram(
+            f"{PREFIX}_speech_end_to_commit_seconds",
+            "End of the user's speech to the turn's commit (server VAD and semantic turns).",
+            buckets=SPEECH_END_TO_COMMIT_BUCKETS,
+            registry=r,
+        )
+        self.commit_to_first_audio = Histogram(
+            f"{PREFIX}_commit_to_first_audio_seconds",
+            "Turn commit to the first audio chunk written to the stream.",
+            buckets=FIRST_AUDIO_BUCKETS,
+            registry=r,
+        )
+        self.prefill = Histogram(
+            f"{PREFIX}_prefill_seconds",
+            "Turn commit to the model's first step (prefill, and any wait for the model).",
+            buckets=PREFILL_BUCKETS,
+            registry=r,
+        )
+        self.generation_rtf = Histogram(
+            f"{PREFIX}_generation_rtf",
+            "Generation real-time factor per response: seconds of audio generated per second.",
+            buckets=RTF_BUCKETS,
+            registry=r,
+        )
+        self.event_latency = Histogram(
+            f"{PREFIX}_server_latency_seconds",
+            "Server-added latency per text delta and audio chunk: ready to written (traced streams).",
+            buckets=EVENT_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.engine_wait = Histogram(
+            f"{PREFIX}_engine_wait_seconds",
+            "How long a turn waited for a place in the model.",
+            buckets=ENGINE_WAIT_BUCKETS,
+            registry=r,
+        )
+        self.health = Gauge(f"{PREFIX}_health_serving", "1 while health reports SERVING, else 0.", registry=r)
+        self._engine = _EngineCollector()
+        r.register(self._engine)
+        # every known label value exists from the start, at 0, so rates and
+        # alerts work before the first event of a kind
+        for reason in COMMIT_REASONS:
+            self.turns_committed.labels(reason)
+        for status in RESPONSE_STATUSES:
+            self.responses.labels(status)
+
+    # -- sessions and turns ----------------------------------------------------------------
+    def session_started(self) -> None:
+        self.sessions_started.inc()
+        self.sessions_live.inc()
+
+    def session_ended(self, code: grpc.StatusCode | str | None) -> None:
+        """A stream that `session_started` counted has ended (None: OK)."""
+        self.sessions_live.dec()
+        self.sessions_ended.labels(status_code_label(code)).inc()
+
+    def turn_committed(self, reason: int | str) -> None:
+        self.turns_committed.labels(commit_reason_label(reason)).inc()
+
+    def error(self, code: str) -> None:
+        """An in-stream `Error` event (`ServiceError.code_name`)."""
+        self.errors.labels(status_code_label(code)).inc()
+
+    def input_transcription(self) -> None:
+        self.input_transcriptions.inc()
+
+    # -- responses ----------------------------------------------------------------------
+    def response_ended(self, status: int | str, summary: pb.ResponseMetrics | None = None) -> None:
+        """A response ended with `status`; `summary` (the response's metrics,
+        taken once its events were written) feeds the histograms. Zero fields
+        (nothing measured, e.g. no audio) are not observed."""
+        self.responses.labels(response_status_label(status)).inc()
+        if summary is None:
+            return
+        if summary.speech_end_to_commit_ms > 0:
+            self.speech_end_to_commit.observe(summary.speech_end_to_commit_ms / 1000)
+        if summary.commit_to_first_audio_ms > 0:
+            self.commit_to_first_audio.observe(summary.commit_to_first_audio_ms / 1000)
+        if summary.prefill_ms > 0:
+            self.prefill.observe(summary.prefill_ms / 1000)
+        if summary.generation_rtf > 0:
+            self.generation_rtf.observe(summary.generation_rtf)
+        if summary.engine_wait_ms > 0:
+            self.engine_wait.observe(summary.engine_wait_ms / 1000)
+        if summary.text_coalesced:
+            self.text_coalesced.inc(summary.text_coalesced)
+        if summary.audio_merged:
+            self.audio_merged.inc(summary.audio_merged)
+
+    def event_written(self, event: pb.ConverseResponse) -> None:
+        """The writer sent `event`: observe its server-added latency when it
+        carries `ready_ts_ms` (text deltas and audio chunks of traced streams)."""
+        kind = event.WhichOneof("event")
+        if kind == "audio_chunk":
+            ready = event.audio_chunk.ready_ts_ms
+        elif kind == "text_delta":
+            ready = event.text_delta.ready_ts_ms
+        else:
+            return
+        if ready:
+            self.event_latency.observe(max(0.0, event.ts_ms - ready) / 1000)
+
+    # -- server --------------------------------------------------------------------------
+    def set_health(self, serving: bool) -> None:
+        self.health.set(1 if serving else 0)
+
+    def watch_engine(self, engine: HasEngineStats | None) -> None:
+        """Export `engine.stats` at every scrape (None: stop exporting them)."""
+        self._engine.engine = engine
+
+
+def start_metrics_server(
+    port: int, host: str = "127.0.0.1", registry: CollectorRegistry | None = None
+) -> tuple[WSGIServer, int]:
+    """Serve `registry` at http://host:port/metrics from a daemon thread.
+
+    Port 0 picks a free port; returns the HTTP server and the bound port.
+    Raises OSError when the port is taken."""
+    httpd, _thread = start_http_server(port, addr=host, registry=registry or CollectorRegistry())
+    bound = int(httpd.server_port)
+    log.info("metrics on http://%s:%d/metrics", host, bound)
+    return httpd, bound
+
+
+def stop_metrics_server(httpd: WSGIServer) -> None:
+    """Stop serving and close the socket. Blocks up to half a second (the
+    server's poll interval): call it from a worker thread in async code."""
+    httpd.shutdown()
+    httpd.server_close()
