@@ -4,7 +4,9 @@ Clients send PCM16 little-endian mono at 16, 24 or 48 kHz in chunks of any size.
 proper band-limited one (libsoxr through the `soxr` package): dropping samples would fold everything
 above 8 kHz back into the speech band. It keeps its filter state between chunks, so streaming a
 signal in pieces gives the same samples as resampling it in one go; `flush` releases the few
-milliseconds the filter still holds at the end of the input.
+milliseconds the filter still holds at the end of the input. Uploaded files (`service.audio`) go
+through the same resampler at any rate from 8 to 48 kHz: libsoxr's cost does not depend on the
+ratio, unlike a polyphase filter sized by the rates' greatest common divisor.
 """
 
 from __future__ import annotations

@@ -106,7 +106,7 @@ async def test_update_config_changes_the_next_response(running: Running) -> None
 async def test_generate_rejects_bad_requests(running: Running) -> None:
     cases = [
         (pb.GenerateRequest(), "set text, audio, or both"),
-        (pb.GenerateRequest(audio=b"not audio at all"), "not a readable WAV or MP3"),
+        (pb.GenerateRequest(audio=b"not audio at all"), "not a readable audio file (WAV, FLAC or MP3)"),
         (pb.GenerateRequest(text="hi", mode=pb.GENERATE_MODE_TRANSCRIBE), "needs audio"),
         (pb.GenerateRequest(text="hi", sampling=pb.SamplingParams(audio_temperature=-1.0)), "sampling.audio_temperature"),
     ]
