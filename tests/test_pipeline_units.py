@@ -90,9 +90,9 @@ def test_output_policy_fast_path_then_doubling_strides() -> None:
     assert [baseline.stride(i) for i in range(3)] == [16, 16, 16]
 
 
-def _chunk(response_id: str, ms: int) -> pb.ConverseResponse:
+def _chunk(response_id: str, ms: int, offset_ms: int = 0) -> pb.ConverseResponse:
     return pb.ConverseResponse(
-        audio_chunk=pb.AudioChunk(response_id=response_id, pcm16=b"\0" * ms * 48, duration_ms=ms)
+        audio_chunk=pb.AudioChunk(response_id=response_id, pcm16=b"\0" * ms * 48, duration_ms=ms, offset_ms=offset_ms)
     )
 
 
@@ -102,18 +102,18 @@ async def test_outbox_coalesces_when_full_and_fails_past_the_audio_bound() -> No
     for i in range(6):
         outbox.put(pb.ConverseResponse(text_delta=pb.TextDelta(response_id="r", text=str(i))), stats, "r")
     assert len(outbox) == 4 and stats.text_coalesced == 2
-    for _ in range(5):
-        outbox.put(_chunk("r", 40), stats, "r")
+    for i in range(5):
+        outbox.put(_chunk("r", 40, 40 * i), stats, "r")
     assert len(outbox) == 5 and stats.audio_merged == 4 and outbox.pending_audio_ms == 200
     texts = [(await outbox.get()).text_delta.text for _ in range(4)]
     assert "".join(texts) == "012345"
     merged = await outbox.get()
     assert merged.audio_chunk.duration_ms == 200 and len(merged.audio_chunk.pcm16) == 200 * 48
     assert [merged.seq, merged.ts_ms > 0] == [5, True]
-    for _ in range(10):
-        outbox.put(_chunk("r", 40), stats, "r")
+    for i in range(5, 15):
+        outbox.put(_chunk("r", 40, 40 * i), stats, "r")
     with pytest.raises(SlowReader):
-        outbox.put(_chunk("r", 40), stats, "r")
+        outbox.put(_chunk("r", 40, 600), stats, "r")
 
 
 async def test_outbox_purge_drops_only_that_responses_media() -> None:
