@@ -127,9 +127,18 @@ class PlaybackBuffer:
         self._pieces.append(_Piece(np.zeros(0, np.int16), response_id, self._epoch, end=True))
         self._ends_written += 1
 
-    def flush(self) -> None:
-        """Drop everything queued; the device plays silence from its next block."""
+    def flush(self) -> int:
+        """Drop everything queued; the device plays silence from its next block.
+
+        Returns the flush's number: the flush has taken effect once
+        `applied_flushes` reaches it."""
         self._epoch += 1
+        return self._epoch
+
+    @property
+    def applied_flushes(self) -> int:
+        """Flushes the device callback has applied (read from the loop: an int, set atomically)."""
+        return self._seen_epoch
 
     @property
     def queued_samples(self) -> int:
@@ -396,10 +405,12 @@ class MicSession:
         self._current: str = ""  # response being generated
         self._playing: str = ""  # response being played
         self._finished = asyncio.Event()
-        self._flushed: asyncio.Future[None] | None = None
+        # (flush number, waiter) of every flush not yet applied by the device: each
+        # interrupt waits for its own flush, however many overlap
+        self._flush_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._played_out: dict[str, asyncio.Event] = {}
         self._tasks: asyncio.TaskGroup | None = None
-        self._running: list[asyncio.Task[None]] = []
+        self._running: set[asyncio.Task[None]] = set()  # spawned and not finished yet
 
     # -- device callbacks (PortAudio threads): copy and hand over, nothing more ------------
     def _mic_callback(self, indata: np.ndarray, frames: int, time_info: Any, status: Any) -> None:
@@ -425,8 +436,7 @@ class MicSession:
 
     def _on_playback(self, kind: str, response_id: str, when: float) -> None:
         if kind == "flushed":
-            if self._flushed is not None and not self._flushed.done():
-                self._flushed.set_result(None)
+            self._wake_flush_waiters()
             return
         record = self.responses.get(response_id)
         if kind == "first":
@@ -442,6 +452,30 @@ class MicSession:
                 self._playback_over(record)
             if not self._current and not self._playing:
                 self.console.set_state(self._idle_state())
+
+    def _wake_flush_waiters(self) -> None:
+        applied = self.playback.applied_flushes
+        waiting = []
+        for number, waiter in self._flush_waiters:
+            if number > applied:
+                waiting.append((number, waiter))
+            elif not waiter.done():
+                waiter.set_result(None)
+        self._flush_waiters = waiting
+
+    async def flush_playback(self) -> bool:
+        """Drop the queued audio and wait until the device has applied it
+        (True), or FLUSH_WAIT_S at most (False: the device is not running)."""
+        number = self.playback.flush()
+        waiter: asyncio.Future[None] = self.loop.create_future()
+        self._flush_waiters.append((number, waiter))
+        try:
+            await asyncio.wait_for(waiter, FLUSH_WAIT_S)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self._flush_waiters = [(n, w) for n, w in self._flush_waiters if w is not waiter]
 
     def _playback_over(self, record: ResponseRecord) -> None:
         """The speaker is done with a response: played to the end, or interrupted."""
@@ -478,7 +512,9 @@ class MicSession:
     def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
         """Run `work` in the session's task group; it is cancelled when the session ends."""
         assert self._tasks is not None
-        self._running.append(self._tasks.create_task(work, name=name))
+        task = self._tasks.create_task(work, name=name)
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
 
     def finish(self, reason: str, code: int = 0) -> None:
         if not self._finished.is_set():
@@ -570,12 +606,7 @@ class MicSession:
         record.interrupted = True
         self.console.close_line()
         self.console.note(f"(interrupted {response_id})")
-        self._flushed = self.loop.create_future()
-        self.playback.flush()
-        try:
-            await asyncio.wait_for(self._flushed, FLUSH_WAIT_S)
-        except TimeoutError:
-            pass  # device stopped; the played count is final anyway
+        await self.flush_playback()  # False: the device stopped; the played count is final anyway
         if self._playing == response_id:
             self._playing = ""
         played_ms = self.playback.played_ms(response_id)
@@ -658,7 +689,7 @@ class MicSession:
                     if args.duration:
                         self._spawn(self._stop_after(args.duration), "duration")
                     await self._finished.wait()
-                    for task in self._running:  # stop now: the conversation is over
+                    for task in list(self._running):  # stop now: the conversation is over
                         task.cancel()
             except* VoiceChatError as group:
                 raise group.exceptions[0] from None
@@ -703,14 +734,73 @@ class MicSession:
         }
 
 
+# -- sound devices ------------------------------------------------------------------------
+
+DEVICE_HELP: Final = """\
+  See what PortAudio finds:  python -m clients.mic --list-devices
+  Pick a device:             --input-device INDEX|NAME  --output-device INDEX|NAME
+  When no device is listed:
+  - PortAudio must be installed: apt-get install libportaudio2 (macOS: brew install portaudio).
+  - Linux: PortAudio reaches the sound card through ALSA; `arecord -l` and `aplay -l` (alsa-utils)
+    must list it. With PulseAudio or PipeWire, install their ALSA plugin (libasound2-plugins,
+    pipewire-alsa) so that ALSA's `default` device goes through the sound server.
+  - Your user needs access to /dev/snd: join the `audio` group (sudo usermod -aG audio $USER,
+    then log in again).
+  - In a container, pass the sound device through (docker run --device /dev/snd ...) or the
+    PulseAudio socket (-v $XDG_RUNTIME_DIR/pulse:/run/pulse -e PULSE_SERVER=unix:/run/pulse/native).
+  - Over SSH, or on a server without a sound card, there is nothing to capture: run this client
+    on the machine with the microphone and point --target at the server."""
+
+
+class AudioDeviceError(RuntimeError):
+    """No usable microphone or speaker; the message says why and what to do."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(f"{problem}\n{DEVICE_HELP}")
+
+
 def import_sounddevice() -> Any:
     try:
         import sounddevice
     except OSError as exc:  # the PortAudio library is missing
-        raise RuntimeError(f"cannot load PortAudio ({exc}); install it, e.g. apt-get install libportaudio2") from exc
+        raise AudioDeviceError(f"cannot load the PortAudio library ({exc})") from exc
     except ImportError as exc:
         raise RuntimeError("the microphone client needs sounddevice: pip install sounddevice") from exc
     return sounddevice
+
+
+def _find_device(sd: Any, device: int | str | None, kind: str) -> tuple[dict[str, Any] | None, str]:
+    """The device `kind` ("input" or "output") the streams will open, or None and why not."""
+    role = "microphone (input)" if kind == "input" else "speaker (output)"
+    try:
+        return sd.query_devices(device, kind), ""
+    except (ValueError, sd.PortAudioError):
+        if device is None:
+            return None, f"no default {role} device"
+        return None, f"no {role} device matches --{kind}-device {device!r}"
+
+
+def check_devices(sd: Any, input_device: int | str | None, output_device: int | str | None) -> tuple[str, str]:
+    """Names of the microphone and speaker to use; AudioDeviceError when either is missing."""
+    if not len(sd.query_devices()):
+        raise AudioDeviceError("no sound device found: PortAudio sees no microphone and no speaker.")
+    mic, mic_problem = _find_device(sd, input_device, "input")
+    speaker, speaker_problem = _find_device(sd, output_device, "output")
+    problems = [p for p in (mic_problem, speaker_problem) if p]
+    if mic is None or speaker is None:
+        raise AudioDeviceError("; ".join(problems) + ". This client needs both a microphone and a speaker.")
+    return str(mic["name"]), str(speaker["name"])
+
+
+def list_devices(sd: Any) -> int:
+    """Print the sound devices PortAudio sees; exit status 1 when there are none."""
+    devices = sd.query_devices()
+    if not len(devices):
+        print(f"no sound device found: PortAudio sees none.\n{DEVICE_HELP}", file=sys.stderr)
+        return 1
+    print(devices)
+    print("(> default input, < default output; pick others with --input-device / --output-device)")
+    return 0
 
 
 def _device(value: str | None) -> int | str | None:
@@ -721,7 +811,10 @@ def _device(value: str | None) -> int | str | None:
 
 async def run(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
     sd = import_sounddevice()
+    mic_name, speaker_name = check_devices(sd, args.input_device, args.output_device)  # before connecting
     console = Console(quiet=args.quiet)
+    if not args.quiet:
+        console.note(f"microphone: {mic_name}; speaker: {speaker_name}")
     config = make_config(
         input_sample_rate_hz=MIC_RATE,
         manual=args.push_to_talk,
@@ -739,6 +832,8 @@ async def run(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
                 loop.add_signal_handler(sig, session.finish, "stopped by the user")
             try:
                 code = await session.run(sd)
+            except sd.PortAudioError as exc:
+                raise AudioDeviceError(f"cannot use the sound devices: {exc}") from exc
             finally:
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     loop.remove_signal_handler(sig)
@@ -785,8 +880,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         if args.list_devices:
-            print(import_sounddevice().query_devices())
-            return 0
+            return list_devices(import_sounddevice())
         code, report = asyncio.run(run(args))
         if args.metrics_json:
             Path(args.metrics_json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -28,7 +29,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clients.mic import COMMIT, InputTimeline, PlaybackBuffer, SendQueue
+from clients.aio import VoiceChatClient, make_config
+from clients.mic import COMMIT, Console, InputTimeline, MicSession, PlaybackBuffer, SendQueue, parse_args
 from service.backends.scripted import ScriptedBackend, ScriptedDecoder
 from tests.alsa.devices import FileSoundCard
 from tests.helpers import metric_blocks
@@ -294,8 +296,6 @@ def best_alignment(recording: np.ndarray, reference: np.ndarray) -> tuple[int, f
     return offset, score
 
 
-
-
 @pytest.fixture
 def card_folder(tmp_path: Path) -> Iterator[Path]:
     folder = tmp_path / "card"
@@ -542,8 +542,6 @@ async def test_ctrl_c_ends_the_session_cleanly(start_server, card_folder: Path) 
 
 @needs_portaudio
 def test_list_devices_shows_the_file_backed_card(card_folder: Path) -> None:
-    import subprocess
-
     with FileSoundCard(card_folder, b"") as card:
         result = subprocess.run(
             [sys.executable, "-m", "clients.mic", "--list-devices"],
@@ -551,3 +549,118 @@ def test_list_devices_shows_the_file_backed_card(card_folder: Path) -> None:
         )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "default" in result.stdout
+
+
+# -- no sound devices ----------------------------------------------------------------------
+
+# An ALSA configuration whose only PCM, `default`, opens nothing: PortAudio lists
+# no device. It replaces the system's alsa.conf, so not even `hw` devices are
+# defined. (An empty file is no good: PortAudio aborts on it.)
+NO_DEVICES_ASOUNDRC = 'pcm.!default { type plug slave.pcm "nonexistent" }\n'
+NOWHERE = "127.0.0.1:1"  # nothing listens: the device check must come before connecting
+
+
+def run_mic_without_devices(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    path = tmp_path / "asound.conf"
+    path.write_text(NO_DEVICES_ASOUNDRC)
+    return subprocess.run(
+        [sys.executable, "-m", "clients.mic", *args],
+        cwd=REPO, env={**os.environ, "ALSA_CONFIG_PATH": str(path)}, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def assert_explains_what_to_do(stderr: str) -> None:
+    for hint in ("--list-devices", "--input-device", "--output-device", "libportaudio2", "`audio` group",
+                 "PulseAudio", "--device /dev/snd"):  # fmt: skip
+        assert hint in stderr, (hint, stderr)
+    assert "Traceback" not in stderr
+
+
+@needs_portaudio
+def test_list_devices_without_devices_says_so(tmp_path: Path) -> None:
+    result = run_mic_without_devices(tmp_path, "--list-devices")
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.startswith("no sound device found: PortAudio sees none.")
+    assert_explains_what_to_do(result.stderr)
+
+
+@needs_portaudio
+def test_session_without_devices_explains_instead_of_failing_on_device_minus_one(tmp_path: Path) -> None:
+    result = run_mic_without_devices(tmp_path, "--target", NOWHERE, "--duration", "5")
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: no sound device found: PortAudio sees no microphone and no speaker.")
+    assert "device -1" not in result.stderr and "UNAVAILABLE" not in result.stderr
+    assert_explains_what_to_do(result.stderr)
+
+
+@needs_portaudio
+def test_a_device_that_does_not_exist_is_named(card_folder: Path) -> None:
+    with FileSoundCard(card_folder, b"") as card:
+        result = subprocess.run(
+            [sys.executable, "-m", "clients.mic", "--target", NOWHERE, "--input-device", "no such mic",
+             "--output-device", "7"],
+            cwd=REPO, env={**os.environ, **card.env}, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert result.returncode == 1
+    first_line = result.stderr.splitlines()[0]
+    assert first_line == (
+        "error: no microphone (input) device matches --input-device 'no such mic'; "
+        "no speaker (output) device matches --output-device 7. This client needs both a microphone and a speaker."
+    )
+    assert_explains_what_to_do(result.stderr)
+
+
+# -- MicSession bookkeeping ------------------------------------------------------------------
+
+
+@pytest.fixture
+async def mic_session(start_server) -> AsyncIterator[MicSession]:
+    """A MicSession on a real conversation, with no sound devices: the tests play the device."""
+    running = await start_server()
+    async with VoiceChatClient.connect(running.target) as client:
+        async with client.conversation(make_config(manual=True)) as conv:
+            yield MicSession(conv, parse_args(["--quiet"]), Console(quiet=True))
+
+
+def device_block(session: MicSession) -> None:
+    """One speaker callback, as PortAudio's thread would run it."""
+    session.playback.fill(np.zeros((BLOCK, 1), np.int16))
+
+
+async def test_overlapping_interrupts_each_wait_for_their_own_flush(mic_session: MicSession) -> None:
+    session = mic_session
+    session.playback.push(pcm(ramp(4800)), "resp_1")
+    first = asyncio.create_task(session.flush_playback())
+    await asyncio.sleep(0)  # the first flush is requested
+    device_block(session)  # the device applies it; its notification is on its way to the loop
+    second = asyncio.create_task(session.flush_playback())
+    await asyncio.sleep(0)
+    assert await first, "the first flush was applied: its waiter must not sit out the timeout"
+    assert not second.done(), "the second flush is not applied yet"
+    device_block(session)
+    assert await second
+    assert session.playback.applied_flushes == 2
+
+
+async def test_two_flushes_before_one_device_block_are_both_applied(mic_session: MicSession) -> None:
+    session = mic_session
+    waiters = [asyncio.create_task(session.flush_playback()) for _ in range(2)]
+    await asyncio.sleep(0)
+    device_block(session)  # one callback applies every flush requested before it
+    assert await asyncio.gather(*waiters) == [True, True]
+
+
+async def test_finished_spawned_tasks_are_forgotten(mic_session: MicSession) -> None:
+    session = mic_session
+    release = asyncio.Event()
+    async with asyncio.TaskGroup() as group:
+        session._tasks = group
+        for index in range(50):
+            session._spawn(asyncio.sleep(0), f"short-{index}")
+        short = set(session._running)
+        session._spawn(release.wait(), "pending")
+        await asyncio.wait(short)  # their done callbacks ran first: they were added first
+        assert [t.get_name() for t in session._running] == ["pending"]
+        release.set()
+    assert not session._running
