@@ -27,6 +27,7 @@ $(STAMP): pyproject.toml
 	  [ -x $(PY) ] || { echo "creating $(VENV) with $$PY312"; $$PY312 -m venv $(VENV); }
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[model,client,deploy,dev]'
+	$(PY) -m pip install -q --no-deps pipecat-ai==1.14.0  # Smart Turn v3.2: see pyproject.toml
 	@touch $@
 
 venv: $(STAMP)

@@ -4,9 +4,11 @@ LFM2-Audio is turn-based: it answers once the user's turn is complete and wants 
 16 kHz float audio. A `TurnTracker` is fed every input audio message of one stream and returns
 events the session turns into protocol messages:
 
-* `SpeechStarted` / `SpeechStopped` bracket a detected speech segment (server VAD only);
+* `SpeechStarted` / `SpeechStopped` bracket a detected speech segment (server VAD and semantic);
 * `InterruptSpeech` says that speech has lasted long enough to barge in on a running response;
-* `TurnReady` carries the audio of a finished turn and why it finished.
+* `TurnReady` carries the audio of a finished turn and why it finished;
+* `SpeechPaused` / `SpeechResumed` are hints for speculative responses (see below); a consumer that
+  does not speculate may ignore them.
 
 All offsets are milliseconds on the session's input timeline: position in all the audio received
 so far, whatever its rate, counted on the 16 kHz resampled stream.
@@ -33,6 +35,47 @@ How detection works (server VAD):
   `max(min_interrupt_speech_ms, min_speech_ms)`, and after `silence_duration_ms` without speech
   `SpeechStopped` plus `TurnReady` with the audio from `prefix_padding_ms` before the onset to
   100 ms after the last speech (that tail keeps soft word endings the detector scores low).
+
+Pause hints (server VAD and semantic, only while `speculative` is on): once a confirmed segment
+has been silent for `SUFFIX_PADDING_MS` (100 ms, so at the fourth silent window, 128 ms) the speech
+has stopped and the silence that may end the turn has begun: `SpeechPaused(audio_start_ms,
+audio_end_ms, audio)` carries the audio a `TurnReady` would carry if the turn ended there (from the
+prefix padding to 100 ms after the last speech; `audio_end_ms` is the end of speech, as in the
+`SpeechStopped` that may follow), at most once per pause, 370 ms before server VAD's default silence
+commits. If the silence lasts, the `TurnReady` that follows holds exactly that audio. If speech
+comes back in the same turn first, `SpeechResumed(audio_ms)` (the start of the window that resumed
+it) says the paused audio is no longer the whole turn; a later pause sends a new `SpeechPaused`.
+Neither changes any other event.
+
+Semantic mode (`TurnMode.SEMANTIC`): Silero finds speech and silences exactly as in server VAD, but
+a pause ends the turn when an end-of-turn model says the user has finished, not after a fixed
+silence. The model is Smart Turn v3.2 (pipecat-ai's 8 MB Whisper-tiny encoder with a classifier
+head, int8 ONNX, BSD-2), bundled in the pipecat-ai 1.14 wheel and run by pipecat's own
+`LocalSmartTurnAnalyzerV3`: its Whisper log-mel features and its inference on the last 8 s of the
+turn. After `semantic_silence_ms` (default 200) of silence it judges the turn so far, from the
+prefix padding up to now, trailing silence included, as pipecat's analyzer is fed. Probability
+>= `1 - eagerness` (default 0.5): `SpeechStopped` and `TurnReady` at once, with
+`end_of_turn_probability`. Below it the tracker keeps listening and judges again every
+`_REJUDGE_MS` (250 ms) of further silence, at most `_MAX_JUDGEMENTS` (8) times per pause (the
+probability grows with the silence: a longer pause is more likely an end), and commits anyway at
+`max_silence_ms` (default 2000), where the TurnReady carries the last judgement's probability.
+Speech resuming cancels the pending judgement; barge-in is as in server VAD. The commit reason
+stays `SERVER_VAD` (the protocol has no other for a detector's commit).
+
+What the model does on espeak-ng speech (`python -m bench.turns`): statements, requests and
+questions mostly score 0.8-0.99 after 200 ms of silence and are committed then; turns ending in a
+filler ("so I was thinking, um", "..., uh") score under 0.02 and are held to `max_silence_ms`
+unless speech resumes. It does not understand grammar: "I need to go to the store and" scores 0.9+
+and is committed; "and then we went to the" climbs from 0.03 to 0.5-0.9 as the silence grows; a
+few complete sentences in some voices stay under 0.5 and wait for `max_silence_ms`.
+
+Cost of semantic mode: one judgement takes 45-50 ms of one core on this 2-vCPU Xeon VM (features
+4 ms, ONNX 40 ms; Smart Turn's authors report ~10 ms on recent desktop CPUs), usually one per
+turn, at most 8 per pause; the features run in numpy and the model in onnxruntime, which release
+the GIL for most of it. The model is loaded once per process (0.3 s including the import, +60 MB
+RSS) when the first semantic tracker first sees audio, never downloaded; a stream holds no state
+for it beyond a few counters (a judgement allocates ~3 MB transiently). `TurnTracker.push` is
+meant to run in a worker thread in semantic mode, as in server VAD.
 
 Cost: an energy gate skips the model on windows below -60 dBFS (digital silence from a muted or
 idle client) once the model has seen a few of them, so that its recurrent state has settled on
@@ -73,6 +116,10 @@ SUFFIX_PADDING_MS: Final = 100
 _GATE_MEAN_SQUARE: Final = 1e-6
 # Quiet windows still given to the model before the gate skips it, so its state settles.
 _GATE_SETTLE_WINDOWS: Final = 4
+# Semantic mode: further silence between two judgements of one pause, and most judgements per pause
+# (8 x 250 ms covers the default 2 s of max_silence_ms; a longer max_silence_ms just waits).
+_REJUDGE_MS: Final = 250
+_MAX_JUDGEMENTS: Final = 8
 
 
 class TurnMode(StrEnum):
@@ -136,16 +183,38 @@ class InterruptSpeech:
 
 @dataclass(frozen=True, slots=True, eq=False)
 class TurnReady:
-    """A finished user turn: 16 kHz mono float32 audio and where it lies on the input timeline."""
+    """A finished user turn: 16 kHz mono float32 audio and where it lies on the input timeline.
+
+    `end_of_turn_probability` is the end-of-turn model's judgement that ended the turn (semantic
+    mode; at `max_silence_ms` the last judgement's), 0.0 when no model judged it."""
 
     audio: Float32Array
     duration_ms: int
     reason: CommitReason
     audio_start_ms: int = 0
     audio_end_ms: int = 0
+    end_of_turn_probability: float = 0.0
 
 
-type TurnEvent = SpeechStarted | SpeechStopped | InterruptSpeech | TurnReady
+@dataclass(frozen=True, slots=True, eq=False)
+class SpeechPaused:
+    """Speech stopped ~100 ms ago: `audio` is the turn a TurnReady would carry if it ended here.
+
+    `audio_end_ms` is the end of speech; the audio runs from `audio_start_ms` to 100 ms past it."""
+
+    audio_end_ms: int
+    audio: Float32Array
+    audio_start_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechResumed:
+    """Speech came back in the same turn after a SpeechPaused, at `audio_ms`."""
+
+    audio_ms: int
+
+
+type TurnEvent = SpeechStarted | SpeechStopped | InterruptSpeech | TurnReady | SpeechPaused | SpeechResumed
 
 
 class SpeechDetector(Protocol):
@@ -201,6 +270,62 @@ class SileroDetector:
     def reset(self) -> None:
         self._state = np.zeros((2, 1, 128), dtype=np.float32)
         self._context = np.zeros((1, _SILERO_CONTEXT), dtype=np.float32)
+
+
+class EndOfTurnModel(Protocol):
+    """Probability that the user has finished, judged from the turn's 16 kHz audio so far."""
+
+    def __call__(self, audio: Float32Array) -> float: ...
+
+
+_smart_turn: Any = None
+_smart_turn_lock = threading.Lock()
+SMART_TURN_REQUIREMENT: Final = "pipecat-ai==1.14.0"
+_SMART_TURN_MODEL: Final = "smart-turn-v3.2-cpu.onnx"
+
+
+def _shared_smart_turn() -> Any:
+    """pipecat's Smart Turn v3 analyzer, built once per process (its onnxruntime `run` is thread-safe)."""
+    global _smart_turn
+    with _smart_turn_lock:
+        if _smart_turn is None:
+            try:
+                from loguru import logger as loguru_logger
+
+                # pipecat logs through loguru straight to stderr (a banner at import, debug lines
+                # on load); the service logs through `logging`.
+                loguru_logger.disable("pipecat")
+                from pipecat.audio.turn.smart_turn.local_smart_turn_v3 import LocalSmartTurnAnalyzerV3
+            except ImportError as exc:
+                raise RuntimeError(
+                    f"semantic turn detection needs {SMART_TURN_REQUIREMENT} (install it with --no-deps: "
+                    "its pins conflict with the service's protobuf and soxr, which Smart Turn does not use)"
+                ) from exc
+            # The wheel's smart-turn-v3.2-cpu.onnx (named, so that a pipecat upgrade that ships
+            # another model is a visible change), one intra-op thread like Silero here.
+            model = resources.files("pipecat.audio.turn.smart_turn.data") / _SMART_TURN_MODEL
+            with resources.as_file(model) as path:
+                analyzer = LocalSmartTurnAnalyzerV3(smart_turn_model_path=str(path), cpu_count=1)
+            # pipecat writes every judged turn to ./smart_turn_audio_log when an environment
+            # variable asks for it; user audio is never written to disk by this service.
+            analyzer._log_data = False
+            _smart_turn = analyzer
+        return _smart_turn
+
+
+class SmartTurnModel:
+    """`EndOfTurnModel` backed by Smart Turn v3.2 through pipecat's `LocalSmartTurnAnalyzerV3`.
+
+    The analyzer's public API buffers audio itself and dates it with the wall clock; the tracker
+    owns the turn's audio on its own timeline, so it calls the analyzer's inference hook,
+    `_predict_endpoint`: pipecat's 8 s truncation and front padding, Whisper features and ONNX run.
+    The analyzer is shared by every tracker of the process; this wrapper holds nothing else."""
+
+    def __init__(self) -> None:
+        self._analyzer = _shared_smart_turn()
+
+    def __call__(self, audio: Float32Array) -> float:
+        return float(self._analyzer._predict_endpoint(audio)["probability"])
 
 
 def _ms(samples: int) -> int:
@@ -263,12 +388,16 @@ class _Segment:
     in_speech: bool = True  # hysteresis state
     confirmed: bool = False
     interrupt_sent: bool = False
+    paused: bool = False  # SpeechPaused sent for the current pause
+    judgements: int = 0  # end-of-turn judgements in the current pause (semantic)
+    end_of_turn_probability: float = 0.0  # the latest judgement's
 
 
 @dataclass(slots=True)
 class _Counters:
     windows_run: int = 0
     windows_skipped: int = 0
+    judgements: int = 0
 
 
 class TurnTracker:
@@ -283,10 +412,13 @@ class TurnTracker:
         input_rate_hz: int,
         *,
         detector_factory: Callable[[], SpeechDetector] = SileroDetector,
+        end_of_turn_factory: Callable[[], EndOfTurnModel] = SmartTurnModel,
     ) -> None:
         self._settings = settings
         self._detector_factory = detector_factory
         self._detector: SpeechDetector | None = None
+        self._end_of_turn_factory = end_of_turn_factory
+        self._end_of_turn: EndOfTurnModel | None = None
         self._resampler = StreamResampler(input_rate_hz)
         self._input_ms_before_rate = 0.0
         self._input_samples_at_rate = 0
@@ -331,6 +463,11 @@ class TurnTracker:
         """Windows the energy gate kept from the speech model so far (for metrics)."""
         return self._counters.windows_skipped
 
+    @property
+    def end_of_turn_judgements(self) -> int:
+        """Times the end-of-turn model judged a pause so far (semantic mode, for metrics)."""
+        return self._counters.judgements
+
     def push(self, pcm16: bytes | bytearray | memoryview) -> list[TurnEvent]:
         """Add PCM16 little-endian mono audio at the input rate; return the events it caused."""
         self._input_samples_at_rate += len(pcm16) // 2
@@ -372,7 +509,8 @@ class TurnTracker:
 
         Server VAD to manual: a turn in progress becomes the start of the manual turn.
         Manual to server VAD: audio not yet committed is dropped except for the prefix padding
-        (commit first to keep it).
+        (commit first to keep it). Between server VAD and semantic mode detection goes on
+        unchanged; only the rule that ends a pause changes.
         """
         events: list[TurnEvent] = []
         old = self._settings
@@ -388,7 +526,7 @@ class TurnTracker:
             else:
                 self._buffer.drop_before(self._buffer.end)
             self._segment = None
-        else:
+        elif old.mode is TurnMode.MANUAL:
             self._vad_pos = self._buffer.end
             self._quiet_windows = 0
             if self._detector is not None:
@@ -410,6 +548,9 @@ class TurnTracker:
 
     def _feed(self, samples: Float32Array) -> list[TurnEvent]:
         events: list[TurnEvent] = []
+        if self._settings.mode is TurnMode.SEMANTIC and self._end_of_turn is None:
+            # Load before the first pause needs it, while the user has not spoken yet.
+            self._end_of_turn = self._end_of_turn_factory()
         offset = 0
         # Append in pieces that end on window boundaries so that every window is judged, and the
         # turn length checked, before more audio arrives.
@@ -452,7 +593,11 @@ class TurnTracker:
         elif probability < low:
             segment.in_speech = False
         if segment.in_speech:
+            if segment.paused:
+                events.append(SpeechResumed(audio_ms=_ms(start)))
             segment.speech_end = end
+            segment.paused = False
+            segment.judgements = 0
         self._advance(segment, events)
 
     def _advance(self, segment: _Segment, events: list[TurnEvent]) -> None:
@@ -476,15 +621,49 @@ class TurnTracker:
         ):
             segment.interrupt_sent = True
             events.append(InterruptSpeech(audio_start_ms=_ms(segment.onset)))
-        if segment.confirmed and silence >= _samples(settings.silence_duration_ms):
-            events.append(SpeechStopped(audio_end_ms=_ms(segment.speech_end)))
-            end = min(segment.speech_end + _samples(SUFFIX_PADDING_MS), self._buffer.end)
-            # After a max-length split the rest of the segment may hold no speech at all.
-            if segment.speech_end > segment.turn_start:
-                turn = self._take(segment.turn_start, end, CommitReason.SERVER_VAD)
-                if turn is not None:
-                    events.append(turn)
-            self._segment = None
+        if not segment.confirmed or silence == 0:
+            return
+        # After a max-length split the rest of the segment may hold no speech at all.
+        has_speech = segment.speech_end > segment.turn_start
+        if not segment.paused and silence >= _samples(SUFFIX_PADDING_MS) and has_speech and settings.speculative:
+            segment.paused = True
+            end = segment.speech_end + _samples(SUFFIX_PADDING_MS)
+            events.append(
+                SpeechPaused(
+                    audio_end_ms=_ms(segment.speech_end),
+                    audio=self._buffer.copy(segment.turn_start, end),
+                    audio_start_ms=_ms(segment.turn_start),
+                )
+            )
+        if settings.mode is TurnMode.SEMANTIC:
+            if self._turn_finished(segment, silence, has_speech):
+                self._end_segment(segment, events)
+        elif silence >= _samples(settings.silence_duration_ms):
+            self._end_segment(segment, events)
+
+    def _turn_finished(self, segment: _Segment, silence: int, has_speech: bool) -> bool:
+        """Semantic mode: judge the pause when a judgement is due; True when it ends the turn."""
+        settings = self._settings
+        due = _samples(settings.semantic_silence_ms) + segment.judgements * _samples(_REJUDGE_MS)
+        if has_speech and segment.judgements < _MAX_JUDGEMENTS and silence >= due:
+            if self._end_of_turn is None:
+                self._end_of_turn = self._end_of_turn_factory()
+            segment.judgements += 1
+            self._counters.judgements += 1
+            # The turn so far, trailing silence included, as pipecat's analyzer is fed.
+            segment.end_of_turn_probability = self._end_of_turn(self._buffer.view(segment.turn_start, self._vad_pos))
+            if segment.end_of_turn_probability >= 1.0 - settings.eagerness:
+                return True
+        return silence >= _samples(settings.max_silence_ms)
+
+    def _end_segment(self, segment: _Segment, events: list[TurnEvent]) -> None:
+        events.append(SpeechStopped(audio_end_ms=_ms(segment.speech_end)))
+        end = min(segment.speech_end + _samples(SUFFIX_PADDING_MS), self._buffer.end)
+        if segment.speech_end > segment.turn_start:
+            turn = self._take(segment.turn_start, end, CommitReason.SERVER_VAD, segment.end_of_turn_probability)
+            if turn is not None:
+                events.append(turn)
+        self._segment = None
 
     def _probability(self, window: Float32Array) -> float:
         if float(np.dot(window, window)) < _GATE_MEAN_SQUARE * WINDOW_SAMPLES:
@@ -521,7 +700,9 @@ class TurnTracker:
                 events.append(turn)
             self._buffer.drop_before(start + limit)
 
-    def _take(self, begin: int, end: int, reason: CommitReason) -> TurnReady | None:
+    def _take(
+        self, begin: int, end: int, reason: CommitReason, end_of_turn_probability: float = 0.0
+    ) -> TurnReady | None:
         begin = max(begin, self._buffer.start)
         end = min(end, self._buffer.end)
         if end <= begin:
@@ -536,6 +717,7 @@ class TurnTracker:
             reason=reason,
             audio_start_ms=_ms(begin),
             audio_end_ms=_ms(end),
+            end_of_turn_probability=end_of_turn_probability,
         )
 
     def _trim_idle(self) -> None:
@@ -550,10 +732,15 @@ __all__ = [
     "SAMPLE_RATE_HZ",
     "SUFFIX_PADDING_MS",
     "WINDOW_SAMPLES",
+    "SMART_TURN_REQUIREMENT",
     "CommitReason",
+    "EndOfTurnModel",
     "InterruptSpeech",
     "SileroDetector",
+    "SmartTurnModel",
     "SpeechDetector",
+    "SpeechPaused",
+    "SpeechResumed",
     "SpeechStarted",
     "SpeechStopped",
     "TurnEvent",

@@ -13,6 +13,7 @@ from service.turns import (
     CommitReason,
     InterruptSpeech,
     SileroDetector,
+    SpeechPaused,
     SpeechStarted,
     SpeechStopped,
     TurnEvent,
@@ -60,7 +61,7 @@ def conversation_16k() -> tuple[Utterance, list[tuple[int, TurnEvent]]]:
 def test_two_utterances_commit_exactly_two_turns(conversation_16k) -> None:
     audio, events = conversation_16k
     kinds = [type(e).__name__ for _, e in events]
-    per_turn = ["SpeechStarted", "InterruptSpeech", "SpeechStopped", "TurnReady"]
+    per_turn = ["SpeechStarted", "InterruptSpeech", "SpeechPaused", "SpeechStopped", "TurnReady"]
     assert kinds == per_turn * 2
     turns = only(events, TurnReady)
     assert [t.reason for t in turns] == [CommitReason.SERVER_VAD] * 2
@@ -137,11 +138,14 @@ def test_chunk_sizes_do_not_change_anything(conversation_16k) -> None:
         size = rng.choice([2, 160, 1022, 1024, 3_000, 32_000])
         events.extend(tracker.push(audio.pcm16[position : position + size]))
         position += size
-    assert [dataclasses.astuple(e) for e in events if not isinstance(e, TurnReady)] == [
-        dataclasses.astuple(e) for _, e in reference if not isinstance(e, TurnReady)
+    with_audio = (TurnReady, SpeechPaused)
+    assert [dataclasses.astuple(e) for e in events if not isinstance(e, with_audio)] == [
+        dataclasses.astuple(e) for _, e in reference if not isinstance(e, with_audio)
     ]
-    for got, want in zip(only([(0, e) for e in events], TurnReady), only(reference, TurnReady), strict=True):
-        np.testing.assert_array_equal(got.audio, want.audio)
+    for kind in with_audio:
+        for got, want in zip(only([(0, e) for e in events], kind), only(reference, kind), strict=True):
+            assert (got.audio_start_ms, got.audio_end_ms) == (want.audio_start_ms, want.audio_end_ms)
+            np.testing.assert_array_equal(got.audio, want.audio)
 
 
 class RecordingDetector(SileroDetector):
@@ -238,8 +242,12 @@ def test_manual_mode_never_commits_by_itself() -> None:
 
 @pytest.mark.parametrize("mode", list(TurnMode))
 def test_max_turn_ms_bounds_the_buffer(mode: TurnMode) -> None:
-    audio = speech(FIRST + " " + SECOND, before_ms=300, after_ms=800)
-    settings = TurnSettings(mode=mode, max_turn_ms=1_000, prefix_padding_ms=200)
+    # The pause between the two sentences would end a semantic turn; here only the length may, and
+    # the silence after the speech ends the last piece.
+    audio = speech(FIRST + " " + SECOND, before_ms=300, after_ms=2_300 if mode is TurnMode.SEMANTIC else 800)
+    settings = TurnSettings(
+        mode=mode, max_turn_ms=1_000, prefix_padding_ms=200, semantic_silence_ms=2_000, max_silence_ms=2_000
+    )
     tracker = TurnTracker(settings, 16_000)
     events: list[TurnEvent] = []
     for chunk in chunks(audio.pcm16, 16_000, 100):
