@@ -1,0 +1,223 @@
+"""Prometheus metrics: the series and their labels, the engine collector on a
+real engine, the HTTP endpoint, and a real server scraped over HTTP after a
+spoken and a typed turn."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.backends.base import AudioFrame, EndReason, TextToken
+from service.backends.engine import GenerationRequest, ThreadedEngine, UserTurn
+from service.backends.scripted import ScriptedBackend
+from service.metrics import (
+    ServiceMetrics,
+    commit_reason_label,
+    response_status_label,
+    start_metrics_server,
+    status_code_label,
+    stop_metrics_server,
+)
+from voicechat.v1 import voicechat_pb2 as pb
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape_text(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        assert reply.status == 200
+        return reply.read().decode()
+
+
+async def scrape(port: int) -> Samples:
+    """GET /metrics (in a thread: urllib blocks) and parse it the way Prometheus does."""
+    return parse(await asyncio.to_thread(scrape_text, port))
+
+
+def parse(text: str) -> Samples:
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[(name, tuple(sorted(labels.items())))]
+
+
+def local(metrics: ServiceMetrics) -> Samples:
+    from prometheus_client import generate_latest
+
+    return parse(generate_latest(metrics.registry).decode())
+
+
+# -- labels ------------------------------------------------------------------------------
+
+
+def test_labels_come_from_closed_sets() -> None:
+    assert commit_reason_label(pb.COMMIT_REASON_CLIENT_COMMIT) == "client_commit"
+    assert commit_reason_label("COMMIT_REASON_SERVER_VAD") == "server_vad"
+    assert commit_reason_label("semantic") == "semantic"
+    assert commit_reason_label("sess_1a2b3c") == "unspecified"
+    assert commit_reason_label(999) == "unspecified"
+    assert response_status_label(pb.RESPONSE_STATUS_MAX_TOKENS) == "max_tokens"
+    assert response_status_label("whatever the client said") == "unspecified"
+    assert status_code_label(None) == "OK"
+    assert status_code_label(grpc.StatusCode.RESOURCE_EXHAUSTED) == "RESOURCE_EXHAUSTED"
+    assert status_code_label("invalid_argument") == "INVALID_ARGUMENT"
+    assert status_code_label("text.text is longer than 4000 characters") == "UNKNOWN"
+
+
+def test_every_known_label_value_is_exported_from_the_start() -> None:
+    samples = local(ServiceMetrics())
+    for reason in ("server_vad", "semantic", "client_commit", "text_input", "end_of_input", "max_turn_length"):
+        assert value(samples, "voicechat_turns_committed_total", reason=reason) == 0
+    for status in ("completed", "cancelled", "interrupted", "failed", "max_tokens"):
+        assert value(samples, "voicechat_responses_total", status=status) == 0
+
+
+def test_two_servers_in_one_process_count_separately() -> None:
+    first, second = ServiceMetrics(), ServiceMetrics()
+    first.session_started()
+    first.turn_committed(pb.COMMIT_REASON_TEXT_INPUT)
+    assert value(local(first), "voicechat_sessions_live") == 1
+    assert value(local(second), "voicechat_sessions_live") == 0
+    assert value(local(second), "voicechat_turns_committed_total", reason="text_input") == 0
+
+
+def test_response_summary_feeds_the_histograms_in_seconds() -> None:
+    metrics = ServiceMetrics()
+    summary = pb.ResponseMetrics(
+        speech_end_to_commit_ms=520,
+        commit_to_first_audio_ms=123,
+        prefill_ms=40,
+        generation_rtf=4.5,
+        engine_wait_ms=7,
+        text_coalesced=2,
+        audio_merged=3,
+    )
+    metrics.response_ended(pb.RESPONSE_STATUS_COMPLETED, summary)
+    metrics.response_ended(pb.RESPONSE_STATUS_CANCELLED, pb.ResponseMetrics())  # nothing measured
+    metrics.response_ended("failed")
+    samples = local(metrics)
+    assert value(samples, "voicechat_responses_total", status="completed") == 1
+    assert value(samples, "voicechat_responses_total", status="cancelled") == 1
+    assert value(samples, "voicechat_responses_total", status="failed") == 1
+    for name, seconds in (
+        ("voicechat_speech_end_to_commit_seconds", 0.52),
+        ("voicechat_commit_to_first_audio_seconds", 0.123),
+        ("voicechat_prefill_seconds", 0.04),
+        ("voicechat_generation_rtf", 4.5),
+        ("voicechat_engine_wait_seconds", 0.007),
+    ):
+        assert value(samples, f"{name}_count") == 1, name  # zero fields are not observations
+        assert value(samples, f"{name}_sum") == pytest.approx(seconds), name
+    assert value(samples, "voicechat_commit_to_first_audio_seconds_bucket", le="0.1") == 0
+    assert value(samples, "voicechat_commit_to_first_audio_seconds_bucket", le="0.125") == 1
+    assert value(samples, "voicechat_text_deltas_coalesced_total") == 2
+    assert value(samples, "voicechat_audio_chunks_merged_total") == 3
+
+
+def test_event_latency_is_observed_from_the_written_event() -> None:
+    metrics = ServiceMetrics()
+    chunk = pb.ConverseResponse(ts_ms=1_000_003, audio_chunk=pb.AudioChunk(ready_ts_ms=1_000_000.5))
+    delta = pb.ConverseResponse(ts_ms=2_000_000, text_delta=pb.TextDelta(ready_ts_ms=1_999_999))
+    untraced = pb.ConverseResponse(ts_ms=5, text_delta=pb.TextDelta(text="no ready time"))
+    for event in (chunk, delta, untraced, pb.ConverseResponse(ts_ms=9, response_started=pb.ResponseStarted())):
+        metrics.event_written(event)
+    samples = local(metrics)
+    assert value(samples, "voicechat_server_latency_seconds_count") == 2
+    assert value(samples, "voicechat_server_latency_seconds_sum") == pytest.approx(0.0035)
+
+
+def test_sessions_errors_health() -> None:
+    metrics = ServiceMetrics()
+    for _ in range(3):
+        metrics.session_started()
+    metrics.session_ended(None)
+    metrics.session_ended(grpc.StatusCode.CANCELLED)
+    metrics.error("INVALID_ARGUMENT")
+    metrics.error("INVALID_ARGUMENT")
+    metrics.input_transcription()
+    metrics.set_health(True)
+    samples = local(metrics)
+    assert value(samples, "voicechat_sessions_live") == 1
+    assert value(samples, "voicechat_sessions_started_total") == 3
+    assert value(samples, "voicechat_sessions_ended_total", code="OK") == 1
+    assert value(samples, "voicechat_sessions_ended_total", code="CANCELLED") == 1
+    assert value(samples, "voicechat_errors_total", code="INVALID_ARGUMENT") == 2
+    assert value(samples, "voicechat_input_transcriptions_total") == 1
+    assert value(samples, "voicechat_health_serving") == 1
+    metrics.set_health(False)
+    assert value(local(metrics), "voicechat_health_serving") == 0
+
+
+# -- the engine collector ------------------------------------------------------------------
+
+
+class CollectingSink:
+    """A StepSink that keeps the steps and says when the request finished."""
+
+    def __init__(self) -> None:
+        self.received: list[TextToken | AudioFrame] = []
+        self.done = threading.Event()
+
+    def started(self, ts_ms: float) -> None:
+        pass
+
+    def steps(self, items: Sequence[TextToken | AudioFrame], ts_ms: float) -> None:
+        self.received.extend(items)
+
+    def finished(self, reason: EndReason | None, error: BaseException | None) -> None:
+        assert error is None, error
+        self.done.set()
+
+
+def test_engine_figures_are_read_when_scraped() -> None:
+    backend = ScriptedBackend()
+    backend.load()
+    engine = ThreadedEngine(backend, workers=2)
+    engine.start()
+    metrics = ServiceMetrics()
+    assert not any(name.startswith("voicechat_engine_steps") for name, _ in local(metrics))
+    metrics.watch_engine(engine)
+    try:
+        samples = local(metrics)
+        assert value(samples, "voicechat_engine_steps_total") == 0
+        assert value(samples, "voicechat_engine_waiting_turns") == 0
+        sink = CollectingSink()
+        ref = engine.open("")
+        engine.submit(GenerationRequest(ref, UserTurn(text="hello #frames=3"), backend.default_sampling()), sink)
+        assert sink.done.wait(30)
+        samples = local(metrics)
+        assert value(samples, "voicechat_engine_steps_total") == engine.stats.steps == len(sink.received) > 3
+        assert value(samples, "voicechat_engine_rows_total") == engine.stats.rows == len(sink.received)
+        assert value(samples, "voicechat_engine_running") == 0
+        assert value(samples, "voicechat_engine_waiting_turns") == 0
+    finally:
+        engine.close(5)
+
+
+# -- the HTTP endpoint ---------------------------------------------------------------------
+
+
+async def test_metrics_server_on_port_zero_serves_and_stops() -> None:
+    metrics = ServiceMetrics()
+    metrics.session_started()
+    httpd, port = start_metrics_server(0, "127.0.0.1", metrics.registry)
+    try:
+        assert port > 0
+        samples = await scrape(port)
+        assert value(samples, "voicechat_sessions_live") == 1
+    finally:
+        await asyncio.to_thread(stop_metrics_server, httpd)
+    with pytest.raises(urllib.error.URLError):
+        await asyncio.to_thread(scrape_text, port)
