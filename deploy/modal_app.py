@@ -48,6 +48,9 @@ AUTH_SECRET_KEY = "VOICECHAT_AUTH_TOKEN"  # Settings.auth_token
 # -- container ----------------------------------------------------------------
 GPU = "H100"
 PORT = 50051
+# Prometheus metrics inside the container only: Modal routes nothing but PORT to
+# a Server, so this is read with `modal container exec` (README, "Metrics").
+METRICS_PORT = 9090
 PYTHON_VERSION = "3.12"
 CPU_CORES = 4.0  # gRPC, voice activity detection and resampling run on the CPU per stream
 MEMORY_MIB = 16 * 1024  # torch + 1.5B parameters loaded on the host before the GPU copy
@@ -77,6 +80,7 @@ SERVER_ENV: dict[str, str] = {
     "VOICECHAT_BACKEND": "lfm2",
     "VOICECHAT_HOST": "0.0.0.0",
     "VOICECHAT_PORT": str(PORT),
+    "VOICECHAT_METRICS_PORT": str(METRICS_PORT),
     "VOICECHAT_DEVICE": "cuda",
     "VOICECHAT_WARMUP": "true",
     "VOICECHAT_MAX_SESSIONS": str(MAX_CONCURRENCY),

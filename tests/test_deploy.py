@@ -27,6 +27,7 @@ for _var in ("MODAL_TOKEN_ID", "MODAL_TOKEN_SECRET"):
 import asyncio  # noqa: E402 - tokens must be gone before modal is imported
 import re  # noqa: E402
 import shlex  # noqa: E402
+import socket  # noqa: E402
 import tomllib  # noqa: E402
 from collections.abc import AsyncIterator, Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -129,6 +130,13 @@ def test_server_is_an_h2_server_on_the_service_port(server_def: dict[str, Any]) 
     assert list(http.proxy_regions) == ["us-east"]
     assert modal_app.SERVER_ENV["VOICECHAT_PORT"] == str(http.port)
     assert modal_app.SERVER_ENV["VOICECHAT_HOST"] == "0.0.0.0"
+
+
+def test_metrics_are_served_in_the_container_on_a_port_modal_does_not_route(server_def: dict[str, Any]) -> None:
+    settings = Settings.from_env(modal_app.SERVER_ENV)
+    assert settings.metrics_port == modal_app.METRICS_PORT == 9090
+    assert settings.metrics_port != settings.port
+    assert server_def["http_config"].port == modal_app.PORT, "the proxy forwards only the gRPC port"
 
 
 def test_server_runs_on_one_h100_with_host_resources(server_def: dict[str, Any]) -> None:
@@ -332,6 +340,12 @@ TOKEN = "test-token"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 @pytest.fixture
 def container_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """The container's environment, with the scripted backend on localhost."""
@@ -344,6 +358,7 @@ def container_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VOICECHAT_BACKEND", "scripted")
     monkeypatch.setenv("VOICECHAT_HOST", "127.0.0.1")
     monkeypatch.setenv("VOICECHAT_PORT", "0")
+    monkeypatch.setenv("VOICECHAT_METRICS_PORT", str(_free_port()))  # not 9090: it may be taken here
     monkeypatch.setenv("VOICECHAT_DRAIN_SECONDS", "5")
 
 
