@@ -105,8 +105,10 @@ def _speech(text: str, rate: int, voice: str) -> bytes:
         return trimmed
     raw = ["-t", "raw", "-e", "signed", "-b", "16", "-c", "1"]
     # sox's "rate -v" is its very-high-quality resampler: an independent reference for the service's.
+    # -D: no dither, which sox otherwise adds at random after an effect, so the same text is the same
+    # audio in every run (detectors near a threshold would decide differently from run to run).
     return subprocess.run(
-        [sox, *raw, "-r", str(ESPEAK_RATE_HZ), "-", *raw, "-", "rate", "-v", str(rate)],
+        [sox, "-D", *raw, "-r", str(ESPEAK_RATE_HZ), "-", *raw, "-", "rate", "-v", str(rate)],
         input=trimmed,
         check=True,
         capture_output=True,

@@ -75,7 +75,7 @@ def recording_tracker(settings: TurnSettings) -> tuple[TurnTracker, RecordingSma
     [
         ("Please turn off the lights.", "en"),
         ("Could you tell me the weather for tomorrow in Paris?", "en-us"),
-        ("Set a timer for ten minutes.", "en-gb-scotland"),
+        ("Set a timer for ten minutes.", "en-us+f3"),
     ],
 )
 def test_a_complete_sentence_is_committed_before_server_vad_would(text: str, voice: str) -> None:
