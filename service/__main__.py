@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from service.backends.base import BackendLoadError
 from service.config import parse_args
+from service.errors import StartupError
 from service.logs import configure_logging
 from service.server import VoiceChatServer
 
@@ -35,7 +36,8 @@ async def serve(argv: Sequence[str] | None = None) -> int:
             await stopped
         else:
             start.cancel()
-    except BackendLoadError as exc:
+    except (BackendLoadError, StartupError) as exc:
+        # one line and status 2, no traceback: the operator fixes the set-up
         log.error("cannot start: %s", exc)
         await server.stop(0)
         return 2

@@ -79,3 +79,9 @@ class Undecodable:
 
     def error(self) -> InvalidArgument:
         return InvalidArgument(f"not a valid {self.message_type} ({self.size} bytes that do not parse)")
+
+
+class StartupError(Exception):
+    """The server cannot start as configured (TLS files, listening address).
+
+    `python -m service` logs its message as one line and exits with status 2."""

@@ -10,6 +10,8 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -18,17 +20,18 @@ from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from grpc_reflection.v1alpha._async import ReflectionServicer
 
 from service.backends import Backend, create_backend
 from service.config import Settings
+from service.errors import StartupError, Undecodable
 from service.pipeline import Executors
 from service.servicer import Admission, VoiceChatServicer
 from service.session import Runtime
 from voicechat.v1 import voicechat_pb2 as pb
-from voicechat.v1 import voicechat_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +82,54 @@ def _add_reflection(server: grpc.aio.Server) -> None:
         )
 
 
+def _lenient(message: type[Message]) -> Callable[[bytes], Message | Undecodable]:
+    """A request deserializer that never raises.
+
+    grpc answers a deserializer's exception with UNKNOWN and a logged
+    traceback; the handler answers an `Undecodable` with INVALID_ARGUMENT."""
+    name = message.DESCRIPTOR.name
+
+    def parse(data: bytes) -> Message | Undecodable:
+        try:
+            return message.FromString(data)
+        except DecodeError:
+            return Undecodable(name, len(data))
+
+    return parse
+
+
+def _add_voicechat(servicer: VoiceChatServicer, server: grpc.aio.Server) -> None:
+    """Register every VoiceChatService method as the generated code does, with
+    lenient request deserializers."""
+    service = pb.DESCRIPTOR.services_by_name["VoiceChatService"]
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    handlers = {
+        method.name: kinds[method.client_streaming, method.server_streaming](
+            getattr(servicer, method.name),
+            request_deserializer=_lenient(getattr(pb, method.input_type.name)),
+            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+        )
+        for method in service.methods
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
+
+
 class BearerAuth(grpc.aio.ServerInterceptor):
-    """Requires `authorization: Bearer <token>`, compared in constant time."""
+    """Requires one `authorization: Bearer <token>` header.
+
+    The scheme is matched in any case (RFC 9110: `Bearer`, `bearer`, ...); the
+    token exactly, in constant time. Two `authorization` headers are refused,
+    whatever they hold: which one a proxy or a client library uses is not
+    defined."""
 
     def __init__(self, token: str, exempt_open: bool) -> None:
-        self._expected = f"Bearer {token}".encode()
+        self._expected = token.encode()
         self._exempt_open = exempt_open
 
     async def intercept_service(
@@ -94,9 +140,11 @@ class BearerAuth(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or (self._exempt_open and details.method.startswith(_OPEN_PREFIXES)):
             return handler
-        metadata = dict(details.invocation_metadata or ())
-        given = str(metadata.get("authorization", "")).encode()
-        if hmac.compare_digest(given, self._expected):
+        values = [value for key, value in details.invocation_metadata or () if key == "authorization"]
+        if len(values) > 1:
+            return _refusing(handler, "more than one `authorization` header: send exactly one")
+        scheme, _, token = str(values[0] if values else "").strip().partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self._expected):
             return handler
         return _refusing(handler, "missing or wrong bearer token (metadata `authorization: Bearer <token>`)")
 
@@ -137,9 +185,79 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
     ]
 
 
+class _EncryptedKey(Exception):
+    pass
+
+
+def _no_password() -> bytes:
+    raise _EncryptedKey  # grpc cannot use an encrypted key, and nobody is there to type a password
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise StartupError(f"cannot read the TLS {what} {path}: {exc.strerror or exc}") from exc
+
+
 def _tls_credentials(settings: Settings) -> grpc.ServerCredentials:
-    key, cert = Path(settings.tls_key).read_bytes(), Path(settings.tls_cert).read_bytes()
+    """The PEM pair, checked with OpenSSL first: grpc reports a bad file only
+    as "Failed to bind to address"."""
+    cert_path, key_path = settings.tls_cert, settings.tls_key
+    if not (cert_path and key_path):
+        raise StartupError("TLS needs both --tls-cert and --tls-key")
+    cert, key = _read(cert_path, "certificate"), _read(key_path, "key")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_verify_locations(cadata=cert.decode("ascii", "replace"))
+    except ssl.SSLError as exc:
+        raise StartupError(f"the TLS certificate {cert_path} holds no PEM certificate") from exc
+    try:
+        context.load_cert_chain(cert_path, key_path, password=_no_password)
+    except _EncryptedKey as exc:
+        raise StartupError(f"the TLS key {key_path} is encrypted: give an unencrypted PEM key") from exc
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise StartupError(f"the TLS key {key_path} does not belong to the certificate {cert_path}") from exc
+        raise StartupError(f"the TLS key {key_path} is not a PEM private key") from exc
+    except OSError as exc:  # the files changed since they were read
+        raise StartupError(f"cannot read the TLS files: {exc.strerror or exc}") from exc
     return grpc.ssl_server_credentials([(key, cert)])
+
+
+def _why_not_bound(host: str, port: int) -> str:
+    """Why grpc could not listen (it says only "Failed to bind"): ask the OS."""
+    if not host:
+        return "the host is empty"
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError) as exc:
+        return f"the host {host!r} does not resolve ({getattr(exc, 'strerror', None) or exc})"
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                return exc.strerror or str(exc)
+    return "grpc refused the address"
+
+
+async def _listen(server: grpc.aio.Server, settings: Settings) -> int:
+    """Bind the server's port (TLS when configured); StartupError when it cannot."""
+    host, port = settings.host, settings.port
+    if not 0 <= port <= 65535:
+        raise StartupError(f"port {port} is not between 0 and 65535")
+    credentials = None
+    if settings.tls_cert or settings.tls_key:
+        credentials = await asyncio.to_thread(_tls_credentials, settings)
+    address = f"{host}:{port}"
+    try:
+        if credentials is not None:
+            return server.add_secure_port(address, credentials)
+        return server.add_insecure_port(address)
+    except RuntimeError as exc:
+        reason = await asyncio.to_thread(_why_not_bound, host, port)
+        raise StartupError(f"cannot listen on {address}: {reason}") from exc
 
 
 class VoiceChatServer:
@@ -182,14 +300,10 @@ class VoiceChatServer:
         self._servicer = VoiceChatServicer(runtime, admission)
         interceptors = [BearerAuth(settings.auth_token, settings.auth_exempt_health)] if settings.auth_token else []
         server = grpc.aio.server(interceptors=interceptors, options=grpc_options(settings))
-        pb_grpc.add_VoiceChatServiceServicer_to_server(self._servicer, server)
+        _add_voicechat(self._servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         _add_reflection(server)
-        address = f"{settings.host}:{settings.port}"
-        if settings.tls_cert or settings.tls_key:
-            self.port = server.add_secure_port(address, _tls_credentials(settings))
-        else:
-            self.port = server.add_insecure_port(address)
+        self.port = await _listen(server, settings)
         self._server = server
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service.backends.base import Sampling, Step
 from service.backends.scripted import ScriptedBackend
 from service.config import Settings
+from service.errors import StartupError
 from service.server import VoiceChatServer
 from tests.conftest import StartServer
 from tests.helpers import audio, collect_until, config, kinds, manual_config, requests, text
@@ -169,6 +171,102 @@ async def test_tls_serving(tmp_path: Path) -> None:
         with pytest.raises(grpc.aio.AioRpcError):
             await pb_grpc.VoiceChatServiceStub(plain).Generate(pb.GenerateRequest(text="plain"), timeout=3)
     await server.stop(0)
+
+
+def _encrypted(key: Path, out: Path) -> Path:
+    subprocess.run(
+        ["openssl", "rsa", "-in", str(key), "-aes256", "-passout", "pass:xyz", "-out", str(out)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return out
+
+
+async def _startup_error(**overrides: object) -> str:
+    values: dict[str, object] = {"backend": "scripted", "host": "127.0.0.1", "port": 0, **overrides}
+    server = VoiceChatServer(Settings(**values))  # type: ignore[arg-type]
+    with pytest.raises(StartupError) as info:
+        await server.start()
+    await server.stop(0)
+    return str(info.value)
+
+
+async def test_tls_files_that_cannot_serve_are_startup_errors(tmp_path: Path) -> None:
+    cert, key = _self_signed(tmp_path)
+    (tmp_path / "other").mkdir()
+    _, other_key = _self_signed(tmp_path / "other")
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a PEM file\n")
+    encrypted = _encrypted(key, tmp_path / "encrypted.pem")
+    missing = tmp_path / "missing.pem"
+    cases = [
+        ({"tls_cert": str(cert)}, "TLS needs both --tls-cert and --tls-key"),
+        ({"tls_cert": str(missing), "tls_key": str(key)},
+         f"cannot read the TLS certificate {missing}: No such file or directory"),
+        ({"tls_cert": str(cert), "tls_key": str(tmp_path)}, f"cannot read the TLS key {tmp_path}: Is a directory"),
+        ({"tls_cert": str(garbage), "tls_key": str(key)}, f"the TLS certificate {garbage} holds no PEM certificate"),
+        ({"tls_cert": str(key), "tls_key": str(key)}, f"the TLS certificate {key} holds no PEM certificate"),
+        ({"tls_cert": str(cert), "tls_key": str(garbage)}, f"the TLS key {garbage} is not a PEM private key"),
+        ({"tls_cert": str(cert), "tls_key": str(other_key)},
+         f"the TLS key {other_key} does not belong to the certificate {cert}"),
+        ({"tls_cert": str(cert), "tls_key": str(encrypted)}, f"the TLS key {encrypted} is encrypted"),
+    ]  # fmt: skip
+    for overrides, message in cases:
+        assert message in await _startup_error(**overrides)
+
+
+async def test_addresses_that_cannot_be_listened_on_are_startup_errors() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        in_use = await _startup_error(port=port)
+    assert in_use == f"cannot listen on 127.0.0.1:{port}: Address already in use"
+    assert "does not resolve" in await _startup_error(host="no such host")
+    # TEST-NET-1 (RFC 5737) is never an address of this machine
+    assert await _startup_error(host="192.0.2.1") == "cannot listen on 192.0.2.1:0: Cannot assign requested address"
+    assert await _startup_error(port=70_000) == "port 70000 is not between 0 and 65535"
+
+
+def test_process_exits_2_with_one_line_when_it_cannot_listen(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for args, message in (
+            (["--port", str(port)], f"cannot start: cannot listen on 127.0.0.1:{port}: Address already in use"),
+            (["--port", "0", "--tls-cert", str(tmp_path / "c.pem"), "--tls-key", str(tmp_path / "k.pem")],
+             f"cannot start: cannot read the TLS certificate {tmp_path / 'c.pem'}: No such file or directory"),
+        ):  # fmt: skip
+            result = subprocess.run(
+                [sys.executable, "-m", "service", "--backend", "scripted", *args],
+                cwd=REPO, capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert result.returncode == 2, result.stderr
+            assert message in result.stderr
+            assert "Traceback" not in result.stderr
+
+
+async def test_bearer_scheme_in_any_case_and_exactly_one_header(start_server: StartServer) -> None:
+    running = await start_server(auth_token="s3cret")
+    for scheme in ("Bearer", "bearer", "BEARER", "bEaReR"):
+        reply = await running.stub.Generate(
+            pb.GenerateRequest(text="hi"), metadata=(("authorization", f"{scheme} s3cret"),)
+        )
+        assert reply.text == "Turn 1. You said: hi."
+    refused = [
+        (("authorization", "Bearer S3CRET"),),  # the token itself is exact
+        (("authorization", "Basic s3cret"),),
+        (("authorization", "s3cret"),),
+        (("authorization", "Bearer"),),
+        (("authorization", "Bearer s3cret"), ("authorization", "Bearer s3cret")),
+        (("authorization", "Bearer wrong"), ("authorization", "Bearer s3cret")),
+    ]
+    for metadata in refused:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await running.stub.Generate(pb.GenerateRequest(text="hi"), metadata=metadata)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, metadata
+        if len(metadata) == 2:
+            assert "more than one `authorization` header" in info.value.details()
 
 
 def test_sigterm_drains_in_flight_responses_and_exits_zero() -> None:
