@@ -7,10 +7,13 @@ what the file claims. Files are made with soundfile and then patched in place.
 
 from __future__ import annotations
 
+import asyncio
 import io
+import logging
 import resource
 import struct
 import tracemalloc
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -254,3 +257,56 @@ async def test_lfm2_generate_at_an_odd_rate_stays_small(tiny_dir: Path) -> None:
         await server.stop(0)
     assert reply.status == pb.RESPONSE_STATUS_MAX_TOKENS
     assert grown_kib < 1 << 20, f"peak RSS grew by {grown_kib} KiB"
+
+
+# --- bytes that are not a request at all ----------------------------------
+
+# a truncated varint; a string field cut short; a string field that is not UTF-8
+_NOT_PROTOBUF = (b"\xff", b"\x0a\x05ab", b"\x0a\x02\xff\xfe")
+
+
+def _tracebacks(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.exc_info or "Traceback" in r.getMessage()]
+
+
+async def test_undecodable_generate_request_is_invalid_argument(
+    start_server: StartServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    running = await start_server()
+    generate = running.channel.unary_unary(
+        "/voicechat.v1.VoiceChatService/Generate",
+        request_serializer=lambda raw: raw,
+        response_deserializer=pb.GenerateResponse.FromString,
+    )
+    for data in _NOT_PROTOBUF:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await generate(data, timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+        assert "not a valid GenerateRequest" in info.value.details()
+    assert not _tracebacks(caplog)
+
+
+async def test_undecodable_converse_request_is_invalid_argument(
+    start_server: StartServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    running = await start_server()
+    converse = running.channel.stream_stream(
+        "/voicechat.v1.VoiceChatService/Converse",
+        request_serializer=lambda raw: raw,
+        response_deserializer=pb.ConverseResponse.FromString,
+    )
+
+    async def first_bad(data: bytes) -> AsyncIterator[bytes]:
+        yield data
+        await asyncio.sleep(10)  # keep the stream open: the server must answer, not the half-close
+
+    for data in _NOT_PROTOBUF:
+        call = converse(first_bad(data), timeout=10)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async for _ in call:
+                pass
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+        assert "not a valid ConverseRequest" in info.value.details()
+    assert not _tracebacks(caplog)
