@@ -1,16 +1,20 @@
-"""One response: the generation loop, the text consumer and the audio consumer.
+"""One response: a generation request to the engine, and its output consumers.
 
-The backend's synchronous generator runs in a worker thread and hands every
-step to the event loop with `call_soon_threadsafe`. On the loop, two consumers
-turn steps into events and put them in the session's `Outbox`, which the one
-writer drains in order:
+The engine (`service.backends.engine`) generates on its own thread and hands
+every step to the event loop through a `StepSink` that uses
+`call_soon_threadsafe`. On the loop the steps become events in the session's
+`Outbox`, which the one writer drains in order:
 
-- the text consumer emits a TextDelta as soon as tokens decode to whole
-  characters (a trailing partial UTF-8 sequence is held back);
-- the audio consumer decodes frames in a second worker thread with a streaming
+- text arrives detokenized from the engine (a partial UTF-8 character is held
+  back there) and goes out as a TextDelta at once;
+- the audio consumer decodes frames in a worker thread with a streaming
   decoder: first as soon as `first_frames` exist (the fast path), then in
   strides that double up to `max_stride` as the backlog allows, and re-frames
   the PCM into fixed-size chunks.
+
+A speculative response (started before its turn is committed) writes into a
+`HeldOutput` instead: nothing reaches the client until `promote()`, and the
+engine pauses it once its first audio is ready.
 
 Frames and tokens of one response are bounded by its max_new_tokens, so the
 step buffers need no further bound; what the client has not read is bounded by
@@ -20,10 +24,11 @@ the Outbox.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import logging
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
@@ -34,20 +39,22 @@ from service.backends.base import (
     FRAME_MS,
     OUTPUT_SAMPLE_RATE,
     AssistantTurn,
+    AudioDecoder,
     AudioFrame,
     Backend,
-    Conversation,
     EndReason,
-    Finished,
     Sampling,
     TextToken,
     is_end_of_audio,
 )
-from service.outbox import Outbox, SlowReader, WriteStats, now_ms
+from service.backends.engine import ConversationRef, Engine, GenerationRequest, RequestHandle, UserTurn
+from service.clock import now_ms
+from service.outbox import Item, Outbox, SlowReader, WriteStats
 from voicechat.v1 import voicechat_pb2 as pb
 
 log = logging.getLogger(__name__)
 SAMPLES_PER_MS = OUTPUT_SAMPLE_RATE // 1000
+_MAX_HELD_EVENTS = 256  # a held response pauses at its first audio: far fewer events than this
 
 
 @dataclass(frozen=True)
@@ -76,18 +83,19 @@ class UserInput:
     """A committed user turn."""
 
     turn_id: str
-    audio: np.ndarray | None = None  # float32 mono at `audio_rate`
-    audio_rate: int = 16_000
+    audio: np.ndarray | None = None  # float32 mono at 16 kHz
     text: str = ""
     commit_ts: float = 0.0
     speech_end_ts: float = 0.0
+    end_of_turn_probability: float = 0.0
 
 
 @dataclass
 class ResponseResult:
     status: int  # pb.ResponseStatus
     reason: str
-    turn: AssistantTurn
+    turn: AssistantTurn  # what the listener received
+    heard_frames: int | None  # audio frames of `turn` they are estimated to have heard (None: all)
     text: str
     audio_ms: int
     text_tokens: int
@@ -95,21 +103,78 @@ class ResponseResult:
 
 
 @dataclass
-class Executors:
-    """Worker threads shared by every session of a server."""
-
-    generate: Executor
-    decode: Executor
-
-
-@dataclass
 class _Timing:
     start: float = 0.0
+    admitted: float = 0.0
     first_step: float = 0.0
     last_step: float = 0.0
     tokens_before_audio: int = -1
     decode_batches: int = 0
     decode_ms: list[float] = field(default_factory=list)
+
+
+class HeldOutput:
+    """The outbox of a speculative response: events wait here until `release`.
+
+    Bounded: a held response is paused at its first audio, so it holds a few
+    text deltas and one or two chunks; past `_MAX_HELD_EVENTS` the response is
+    failed as a slow reader would be (it cannot happen with a sane backend)."""
+
+    def __init__(self, outbox: Outbox) -> None:
+        self._outbox = outbox
+        self._held: list[tuple[Item, WriteStats | None, str]] = []
+        self.released = False
+
+    @property
+    def high_water(self) -> int:
+        return self._outbox.high_water
+
+    def put(self, item: Item, stats: WriteStats | None = None, response_id: str = "") -> None:
+        if self.released:
+            self._outbox.put(item, stats, response_id)
+            return
+        if len(self._held) >= _MAX_HELD_EVENTS:
+            raise SlowReader(f"a speculative response held more than {_MAX_HELD_EVENTS} events")
+        self._held.append((item, stats, response_id))
+
+    def purge(self, response_id: str) -> int:
+        if self.released:
+            return self._outbox.purge(response_id)
+        dropped = len(self._held)
+        self._held = []
+        return dropped
+
+    def release(self) -> None:
+        """Send everything held, in order; later events go straight out."""
+        held, self._held = self._held, []
+        self.released = True
+        now = now_ms()
+        for item, stats, response_id in held:
+            if isinstance(item, pb.ConverseResponse):
+                media = item.text_delta if item.HasField("text_delta") else item.audio_chunk
+                if media.ready_ts_ms:
+                    media.ready_ts_ms = now  # server latency counts from the release, not the hold
+            self._outbox.put(item, stats, response_id)
+
+
+class _LoopSink:
+    """The engine's StepSink for one response: hands everything to the loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, run: ResponseRun) -> None:
+        self._loop, self._run = loop, run
+
+    def _call(self, fn: Callable[..., None], *args: object) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the server is gone
+            self._loop.call_soon_threadsafe(fn, *args)
+
+    def started(self, ts_ms: float) -> None:
+        self._call(self._run._on_started, ts_ms)
+
+    def steps(self, items: Sequence[TextToken | AudioFrame], ts_ms: float) -> None:
+        self._call(self._run._on_steps, items, ts_ms)
+
+    def finished(self, reason: EndReason | None, error: BaseException | None) -> None:
+        self._call(self._run._on_finished, reason, error)
 
 
 class ResponseRun:
@@ -119,27 +184,32 @@ class ResponseRun:
         self,
         *,
         response_id: str,
-        backend: Backend,
-        conversation: Conversation,
+        engine: Engine,
+        conversation: ConversationRef,
         sampling: Sampling,
         policy: OutputPolicy,
         outbox: Outbox,
-        executors: Executors,
+        decode_pool: Executor,
         trace: bool,
+        speculative: bool = False,
     ) -> None:
         self.response_id = response_id
-        self._backend = backend
+        self._engine = engine
+        self._backend: Backend = engine.backend
         self._conversation = conversation
         self._sampling = sampling
         self._policy = policy
-        self._outbox = outbox
-        self._executors = executors
+        self._held = HeldOutput(outbox) if speculative else None
+        self._outbox: Outbox | HeldOutput = self._held or outbox
+        self._decode_pool = decode_pool
         self._trace = trace
-        self._stop = threading.Event()
+        self.speculative = speculative
+        self._handle: RequestHandle | None = None
         self._stopped_status: int | None = None
+        self._stopped_at = 0.0
         self._stop_reason = ""
         self._changed = asyncio.Event()
-        self._text_ids: list[int] = []
+        self._finished = asyncio.Event()
         self._frames: list[np.ndarray] = []
         self._frame_ts: list[float] = []
         self._steps: list[TextToken | AudioFrame] = []
@@ -149,8 +219,8 @@ class ResponseRun:
         self.stats = WriteStats()
         self.timing = _Timing()
         self._text_parts: list[str] = []
+        self._text_tokens = 0
         self._audio_samples_sent = 0
-        self._last_text_ts = 0.0
         self._audio_runs_ended = 0
         self._in_audio_run = False
 
@@ -159,6 +229,11 @@ class ResponseRun:
     def stopping(self) -> bool:
         return self._stopped_status is not None
 
+    @property
+    def held(self) -> bool:
+        """A speculative response not promoted yet: nothing of it was sent."""
+        return self._held is not None and not self._held.released
+
     def stop(self, status: int, reason: str = "") -> None:
         """End the response early (cancel, barge-in, slow reader, shutdown).
 
@@ -166,75 +241,76 @@ class ResponseRun:
         the client has not received yet are dropped."""
         if self._stopped_status is None:
             self._stopped_status, self._stop_reason = status, reason
-        self._stop.set()
+            self._stopped_at = now_ms()
+        if self._handle is not None:
+            self._handle.abort()
         self._outbox.purge(self.response_id)
         self._changed.set()
 
-    # -- the worker-thread side ----------------------------------------------
-    def _generate_in_thread(self, loop: asyncio.AbstractEventLoop, user: UserInput) -> None:
-        end: EndReason | None = None
-        error: BaseException | None = None
-        try:
-            if user.audio is not None and len(user.audio):
-                self._conversation.add_user_audio(user.audio, user.audio_rate)
-            if user.text:
-                self._conversation.add_user_text(user.text)
-            for step in self._conversation.generate(self._sampling, self._stop):
-                if isinstance(step, Finished):
-                    end = step.reason
-                    break
-                loop.call_soon_threadsafe(self._on_step, step, now_ms())
-        except BaseException as exc:  # noqa: BLE001 - the loop side reports it as a failed response
-            error = exc
-        finally:
-            loop.call_soon_threadsafe(self._on_finished, end, error)
+    def promote(self) -> None:
+        """The turn this speculative response answers was committed: send what
+        it holds and let it go on generating."""
+        assert self._held is not None
+        self._held.release()
+        if self._handle is not None:
+            self._handle.resume()
 
-    # -- the event-loop side -------------------------------------------------
-    def _on_step(self, step: TextToken | AudioFrame, ts: float) -> None:
+    # -- the engine's side (called on the loop through _LoopSink) ------------
+    def _on_started(self, ts: float) -> None:
+        self.timing.admitted = ts
+
+    def _on_steps(self, items: Sequence[TextToken | AudioFrame], ts: float) -> None:
         timing = self.timing
         timing.first_step = timing.first_step or ts
         timing.last_step = ts
-        self._steps.append(step)
-        if isinstance(step, TextToken):
-            self._text_ids.append(step.token_id)
-            self._last_text_ts = ts
-            if self._in_audio_run:
-                # the model switched to text: no audio frame comes for a few
-                # steps, so frames waiting for a stride to fill are decoded now
-                self._audio_runs_ended += 1
-                self._in_audio_run = False
-        elif is_end_of_audio(step.codes):
-            pass  # end of audio: the consumer finishes with whatever is pending
-        else:
-            if timing.tokens_before_audio < 0:
-                timing.tokens_before_audio = len(self._steps) - 1
-            self._frames.append(step.codes)
-            self._frame_ts.append(ts)
-            self._in_audio_run = True
+        for step in items:
+            self._steps.append(step)
+            if isinstance(step, TextToken):
+                self._text_tokens += 1
+                if step.text and not self.stopping:
+                    self._put_text(step.text, ts)
+                if self._in_audio_run:
+                    # the model switched to text: no audio frame comes for a few
+                    # steps, so frames waiting for a stride to fill are decoded now
+                    self._audio_runs_ended += 1
+                    self._in_audio_run = False
+            elif is_end_of_audio(step.codes):
+                pass  # end of audio: the consumer finishes with whatever is pending
+            else:
+                if timing.tokens_before_audio < 0:
+                    timing.tokens_before_audio = len(self._steps) - 1
+                self._frames.append(step.codes)
+                self._frame_ts.append(ts)
+                self._in_audio_run = True
         self._changed.set()
 
     def _on_finished(self, end: EndReason | None, error: BaseException | None) -> None:
         self._end, self._error, self._done = end, error, True
+        self._finished.set()
         self._changed.set()
 
+    # -- the loop side --------------------------------------------------------
     async def run(self, user: UserInput) -> ResponseResult:
         loop = asyncio.get_running_loop()
         self.timing.start = now_ms()
-        gen = loop.run_in_executor(self._executors.generate, self._generate_in_thread, loop, user)
+        request = GenerationRequest(
+            self._conversation, UserTurn(user.audio, text=user.text), self._sampling, speculative=self.speculative
+        )
+        self._handle = self._engine.submit(request, _LoopSink(loop, self))
+        if self.stopping:
+            self._handle.abort()
         try:
-            async with asyncio.TaskGroup() as group:
-                group.create_task(self._consume_text())
-                group.create_task(self._consume_audio())
-        except* SlowReader as slow:
-            self.stop(pb.RESPONSE_STATUS_FAILED, str(slow.exceptions[0]))
-        except* Exception as failure:  # noqa: BLE001 - a decode failure fails this response only
-            log.exception("response %s: output failed", self.response_id, exc_info=failure.exceptions[0])
-            self.stop(pb.RESPONSE_STATUS_FAILED, f"audio decode failed: {failure.exceptions[0]}")
+            await self._consume_audio()
+        except SlowReader as slow:
+            self.stop(pb.RESPONSE_STATUS_FAILED, str(slow))
+        except Exception as failure:  # noqa: BLE001 - a decode failure fails this response only
+            log.exception("response %s: output failed", self.response_id)
+            self.stop(pb.RESPONSE_STATUS_FAILED, f"audio decode failed: {type(failure).__name__}")
         finally:
-            # the worker thread ends within one model step once stopped
             if not self._done:
-                self._stop.set()
-            await asyncio.shield(gen)
+                self._handle.abort()
+            # the engine ends an aborted request within one model step
+            await self._finished.wait()
         return self._result()
 
     async def _wait(self, ready: Callable[[], bool]) -> None:
@@ -242,46 +318,22 @@ class ResponseRun:
             self._changed.clear()
             await self._changed.wait()
 
-    async def _consume_text(self) -> None:
-        held: list[int] = []
-        consumed = 0
-        while True:
-
-            def ready(c: int = consumed) -> bool:
-                return len(self._text_ids) > c or self._done or self.stopping
-
-            await self._wait(ready)
-            if self.stopping:
-                return
-            new = self._text_ids[consumed:]
-            consumed += len(new)
-            held += new
-            text = self._backend.detokenize(held) if held else ""
-            finished = self._done and consumed == len(self._text_ids)
-            # a trailing U+FFFD is an incomplete UTF-8 sequence: wait for its next byte
-            if text and (finished or not text.endswith("\ufffd")):
-                self._put_text(text)
-                held = []
-            if finished:
-                return
-            # yield so other producers interleave fairly with a fast generator
-            await asyncio.sleep(0)
-
-    def _put_text(self, text: str) -> None:
+    def _put_text(self, text: str, source_ts: float) -> None:
         self._text_parts.append(text)
         delta = pb.TextDelta(response_id=self.response_id, text=text)
         if self._trace:
-            delta.source_ts_ms = self._last_text_ts
+            delta.source_ts_ms = source_ts
             delta.ready_ts_ms = now_ms()
         self._outbox.put(pb.ConverseResponse(text_delta=delta), self.stats, self.response_id)
 
     async def _consume_audio(self) -> None:
         loop = asyncio.get_running_loop()
         policy = self._policy
-        decoder = self._backend.new_decoder()
+        decoder: AudioDecoder = await loop.run_in_executor(self._decode_pool, self._backend.new_decoder)
         reframer = PcmReframer(policy.chunk_samples) if policy.chunk_samples else None
         taken = 0
         runs_seen = 0
+        in_flight: concurrent.futures.Future[np.ndarray] | None = None
         try:
             while True:
                 need = policy.stride(self.timing.decode_batches)
@@ -305,7 +357,8 @@ class ResponseRun:
                 source_ts = self._frame_ts[taken + count - 1]
                 taken += count
                 started = time.perf_counter()
-                pcm = await loop.run_in_executor(self._executors.decode, decoder.decode, batch)
+                in_flight = self._decode_pool.submit(decoder.decode, batch)
+                pcm = await asyncio.wrap_future(in_flight)
                 decode_ms = (time.perf_counter() - started) * 1000
                 self.timing.decode_batches += 1
                 self.timing.decode_ms.append(decode_ms)
@@ -323,11 +376,27 @@ class ResponseRun:
                             )
                         )
                     )
-            tail = await loop.run_in_executor(self._executors.decode, decoder.flush)
+            in_flight = self._decode_pool.submit(decoder.flush)
+            tail = await asyncio.wrap_future(in_flight)
             last_ts = self._frame_ts[-1] if self._frame_ts else 0.0
             self._put_audio(tail, reframer, last_ts, final=True)
         finally:
-            decoder.close()
+            self._close_decoder(decoder, in_flight)
+
+    def _close_decoder(self, decoder: AudioDecoder, in_flight: concurrent.futures.Future[np.ndarray] | None) -> None:
+        """Close the decoder in the decode pool once its last decode is over
+        (a pooled decoder must not be handed out while a thread still uses it)."""
+
+        def close(_: object = None) -> None:
+            try:
+                self._decode_pool.submit(decoder.close)
+            except RuntimeError:  # the pool is shut down: the server is stopping
+                decoder.close()
+
+        if in_flight is None or in_flight.done():
+            close()
+        else:
+            in_flight.add_done_callback(close)
 
     def _put_audio(self, pcm: np.ndarray, reframer: PcmReframer | None, source_ts: float, final: bool) -> None:
         ready_ts = now_ms()
@@ -353,20 +422,24 @@ class ResponseRun:
                 audio.ready_ts_ms = ready_ts
             self._audio_samples_sent += samples
             self._outbox.put(pb.ConverseResponse(audio_chunk=audio), self.stats, self.response_id)
+        if chunks and self.held and self._handle is not None:
+            self._handle.pause()  # speculation goes no further than its first audio
 
     def _result(self) -> ResponseResult:
         turn = AssistantTurn(list(self._steps))
+        heard: int | None = None
         if self._stopped_status is not None:
             status, reason = self._stopped_status, self._stop_reason
             if status != pb.RESPONSE_STATUS_FAILED:
-                # keep in the history what the listener can have heard: audio that
-                # was sent, and at real-time playback no more than has elapsed since
-                # the first chunk; a TruncateResponse from the client refines it
+                # the history keeps what the listener can have heard: of the audio
+                # that was sent, no more than real-time playback from the first chunk
+                # to the stop; a TruncateResponse from the client refines it
                 s = self.stats
-                played = min(s.audio_ms_written, now_ms() - s.first_audio_ts) if s.first_audio_ts else 0
-                turn = turn.truncated(-(-int(played) // FRAME_MS))
+                turn = turn.truncated(-(-s.audio_ms_written // FRAME_MS))
+                played = min(s.audio_ms_written, self._stopped_at - s.first_audio_ts) if s.first_audio_ts else 0
+                heard = -(-int(played) // FRAME_MS)
         elif self._error is not None:
-            status, reason = pb.RESPONSE_STATUS_FAILED, f"model error: {self._error}"
+            status, reason = pb.RESPONSE_STATUS_FAILED, f"model error: {type(self._error).__name__}: {self._error}"
         elif self._end is EndReason.MAX_TOKENS:
             status, reason = pb.RESPONSE_STATUS_MAX_TOKENS, f"reached max_new_tokens={self._sampling.max_new_tokens}"
         else:
@@ -375,9 +448,10 @@ class ResponseRun:
             status=status,
             reason=reason,
             turn=turn,
+            heard_frames=heard,
             text="".join(self._text_parts),
             audio_ms=round(self._audio_samples_sent / SAMPLES_PER_MS),
-            text_tokens=len(self._text_ids),
+            text_tokens=self._text_tokens,
             audio_frames=len(self._frames),
         )
 
@@ -391,7 +465,7 @@ class ResponseRun:
         generation_ms = max(t.last_step - t.start, 1e-3)
         return pb.ResponseMetrics(
             speech_end_to_commit_ms=(commit - user.speech_end_ts) if user.speech_end_ts else 0.0,
-            prefill_ms=(t.first_step - commit) if t.first_step else 0.0,
+            prefill_ms=max(0.0, t.first_step - commit) if t.first_step else 0.0,
             commit_to_first_text_ms=(s.first_text_ts - commit) if s.first_text_ts else 0.0,
             commit_to_first_audio_ms=(s.first_audio_ts - commit) if s.first_audio_ts else 0.0,
             tokens_before_first_audio=max(t.tokens_before_audio, 0),
@@ -409,4 +483,7 @@ class ResponseRun:
             max_stride_frames=self._policy.max_stride,
             step_to_write_p50_ms=step_latencies[len(step_latencies) // 2] if step_latencies else 0.0,
             step_to_write_max_ms=step_latencies[-1] if step_latencies else 0.0,
+            speculative=self.speculative,
+            end_of_turn_probability=user.end_of_turn_probability,
+            engine_wait_ms=max(0.0, t.admitted - t.start) if t.admitted else 0.0,
         )

@@ -25,10 +25,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from grpc_reflection.v1alpha._async import ReflectionServicer
 
-from service.backends import Backend, create_backend
+from service.backends import Backend, create_backend, create_engine
 from service.config import Settings
 from service.errors import StartupError, Undecodable
-from service.pipeline import Executors
 from service.servicer import Admission, VoiceChatServicer
 from service.session import Runtime
 from voicechat.v1 import voicechat_pb2 as pb
@@ -39,6 +38,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["VoiceChatService"].full_name
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 _LAME_DUCK_S = 0.5
+_MODEL_STOP_S = 5.0  # longest wait for the engine's threads at shutdown
 _OPEN_PREFIXES = (f"/{HEALTH_SERVICE}/", f"/{REFLECTION_V1}/", f"/{reflection.SERVICE_NAME}/")
 
 
@@ -270,7 +270,7 @@ class VoiceChatServer:
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._servicer: VoiceChatServicer | None = None
-        self._executors: Executors | None = None
+        self._runtime: Runtime | None = None
 
     @property
     def servicer(self) -> VoiceChatServicer:
@@ -290,12 +290,13 @@ class VoiceChatServer:
         settings = self.settings
         backend = self.backend or create_backend(settings)
         self.backend = backend
-        workers = settings.max_sessions + 4
-        self._executors = Executors(
-            generate=ThreadPoolExecutor(workers, thread_name_prefix="generate"),
-            decode=ThreadPoolExecutor(max(4, workers // 2), thread_name_prefix="decode"),
+        runtime = Runtime(
+            settings,
+            backend,
+            decode_pool=ThreadPoolExecutor(max(4, settings.max_sessions // 2), thread_name_prefix="decode"),
+            turn_pool=ThreadPoolExecutor(2, thread_name_prefix="turns"),
         )
-        runtime = Runtime(settings, backend, self._executors)
+        self._runtime = runtime
         admission = Admission(settings.max_sessions)
         self._servicer = VoiceChatServicer(runtime, admission)
         interceptors = [BearerAuth(settings.auth_token, settings.auth_exempt_health)] if settings.auth_token else []
@@ -312,9 +313,13 @@ class VoiceChatServer:
         await asyncio.to_thread(backend.load)
         if settings.warmup:
             await asyncio.to_thread(backend.warmup)
+        engine = create_engine(backend, settings)
+        engine.start()
+        runtime.loaded_engine = engine
         admission.ready = True
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("model %s ready in %.1f s: SERVING", backend.model_id, time.monotonic() - started)
+        log.info("model %s ready in %.1f s (%s engine): SERVING", backend.model_id, time.monotonic() - started,
+                 engine.name)  # fmt: skip
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:
@@ -326,9 +331,8 @@ class VoiceChatServer:
         servicer = self._servicer
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if servicer is not None:
-            servicer.admission.draining = True
-            for session in list(servicer.sessions):
-                session.drain(grace)
+            # streams and Generate calls in flight get the grace period
+            servicer.drain(grace)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(servicer.all_closed.wait(), grace)
         # lame duck: keep answering UNAVAILABLE for a moment, so clients that
@@ -337,12 +341,21 @@ class VoiceChatServer:
         await asyncio.sleep(min(_LAME_DUCK_S, grace))
         await self._server.stop(min(_LAME_DUCK_S, grace))
         self._server = None
-        if self._executors is not None:
-            self._executors.generate.shutdown(wait=False, cancel_futures=True)
-            self._executors.decode.shutdown(wait=False, cancel_futures=True)
-        if self.backend is not None:
-            self.backend.close()
+        await self._close_model(grace)
         log.info("server stopped")
+
+    async def _close_model(self, grace: float) -> None:
+        """Stop the engine's and the pools' threads, then free the model: the
+        weights are released only once nothing can be using them."""
+        runtime, self._runtime = self._runtime, None
+        stopped = True
+        if runtime is not None:
+            if runtime.loaded_engine is not None:
+                stopped = await asyncio.to_thread(runtime.loaded_engine.close, max(grace, _MODEL_STOP_S))
+            for pool in (runtime.decode_pool, runtime.turn_pool):
+                pool.shutdown(wait=False, cancel_futures=True)
+        if self.backend is not None and stopped:
+            await asyncio.to_thread(self.backend.close)
 
     async def wait_for_termination(self) -> None:
         if self._server is not None:

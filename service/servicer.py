@@ -1,47 +1,40 @@
-"""The gRPC servicer: proto in, session out. Validation of the first message,
-admission, and the stream's one writer live here; everything else is in
-`service.session` and `service.pipeline`."""
+"""The gRPC servicer: proto in, session out.
+
+It validates the first message, admits the call, hands the stream to a
+`ChatSession` (which owns every task of it) or the request to
+`service.oneshot`, and maps domain errors to status codes with
+`errors.status_of`. Cleanup and the outcome log run in the handler's own
+frame: `Converse` is a coroutine that writes through `context.write`, so a
+client that goes away cancels this very task.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
-import threading
 import time
 from collections.abc import AsyncIterator
 
 import grpc
-import numpy as np
 
-from service.audio import decode_audio_file, encode_wav, float_to_pcm16
-from service.backends.base import (
-    FRAME_MS,
-    OUTPUT_SAMPLE_RATE,
-    AudioFrame,
-    EndReason,
-    Finished,
-    GenerateMode,
-    TextToken,
-    is_end_of_audio,
+from service import oneshot
+from service.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    ResourceExhausted,
+    ServiceError,
+    Unavailable,
+    Undecodable,
+    status_of,
 )
-from service.errors import Internal, InvalidArgument, ResourceExhausted, ServiceError, Unavailable
-from service.options import resolve_options, resolve_sampling
-from service.outbox import StreamEnd
-from service.session import ChatSession, Runtime
+from service.options import resolve_options
+from service.session import CLIENT_GONE, ChatSession, Runtime
 from voicechat.v1 import voicechat_pb2 as pb
 from voicechat.v1 import voicechat_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
 _CONFIG_TIMEOUT_S = 10.0  # the first request (config) must arrive within this time
-
-_MODES = {
-    pb.GENERATE_MODE_UNSPECIFIED: GenerateMode.CHAT,
-    pb.GENERATE_MODE_CHAT: GenerateMode.CHAT,
-    pb.GENERATE_MODE_TRANSCRIBE: GenerateMode.TRANSCRIBE,
-    pb.GENERATE_MODE_SYNTHESIZE: GenerateMode.SYNTHESIZE,
-}
 
 
 class Admission:
@@ -71,69 +64,74 @@ class VoiceChatServicer(pb_grpc.VoiceChatServiceServicer):
         self.runtime = runtime
         self.admission = admission
         self.sessions: set[ChatSession] = set()
-        self.all_closed = asyncio.Event()  # set while no session is open (drain waits on it)
+        self._calls = 0  # admitted calls of either kind still running
+        self.all_closed = asyncio.Event()  # set while no call runs (drain waits on it)
         self.all_closed.set()
+        self.draining = asyncio.Event()  # set by drain: streams still waiting for config end
+
+    def _enter(self) -> None:
+        self.admission.acquire()
+        self._calls += 1
+        self.all_closed.clear()
+
+    def _leave(self) -> None:
+        self.admission.release()
+        self._calls -= 1
+        if not self._calls:
+            self.all_closed.set()
+
+    def drain(self, grace_s: float) -> None:
+        """Stop admitting calls and let every open session finish within `grace_s`."""
+        self.admission.draining = True
+        self.draining.set()
+        for session in list(self.sessions):
+            session.drain(grace_s)
 
     async def Converse(  # noqa: N802 - gRPC method name
-        self, request_iterator: AsyncIterator[pb.ConverseRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.ConverseResponse]:
+        self, request_iterator: AsyncIterator[pb.ConverseRequest | Undecodable], context: grpc.aio.ServicerContext
+    ) -> None:
         try:
-            self.admission.acquire()
+            self._enter()
         except ServiceError as exc:
-            await context.abort(exc.code, exc.message)
+            await context.abort(*status_of(exc))
+        started = time.monotonic()
+        session: ChatSession | None = None
+        outcome = "client went away"
         try:
             session = await self._open(request_iterator, context)
-            if session is None:
-                return
-            started = time.monotonic()
             self.sessions.add(session)
-            self.all_closed.clear()
-            log.info("%s started peer=%s label=%r", session.id, context.peer(), session.options.client_label)
-            outcome = "ok"
-            try:
-                while True:
-                    item = await session.outbox.get()
-                    if isinstance(item, StreamEnd):
-                        if item.code is None:
-                            return
-                        outcome = f"{item.code.name}: {item.details}"
-                        await context.abort(item.code, item.details)
-                        return
-                    yield item
-            except asyncio.CancelledError:
-                outcome = "client went away"
-                raise
-            finally:
-                await session.close()
-                self.sessions.discard(session)
-                if not self.sessions:
-                    self.all_closed.set()
-                log.info(
-                    "%s ended after %.1f s, %d responses: %s",
-                    session.id,
-                    time.monotonic() - started,
-                    session.response_count,
-                    outcome,
-                )
+            log.info("%s started peer=%s label=%r", session.id, context.peer(), session.options.client_label,
+                     extra=session.log_extra)  # fmt: skip
+            end = await session.run(request_iterator, context.write)
+            if end is CLIENT_GONE:
+                return
+            outcome = "ok" if end.code is None else f"{end.code.name}: {end.details}"
+            if end.code is not None:
+                await context.abort(end.code, end.details)
+        except _NoSession as exc:
+            outcome = exc.outcome
+            if exc.error is not None:
+                await context.abort(*status_of(exc.error))
         finally:
-            self.admission.release()
+            self._leave()
+            if session is not None:
+                self.sessions.discard(session)
+                log.info("%s ended after %.1f s, %d responses: %s", session.id, time.monotonic() - started,
+                         session.response_count, outcome, extra=session.log_extra)  # fmt: skip
 
     async def _open(
-        self, requests: AsyncIterator[pb.ConverseRequest], context: grpc.aio.ServicerContext
-    ) -> ChatSession | None:
+        self, requests: AsyncIterator[pb.ConverseRequest | Undecodable], context: grpc.aio.ServicerContext
+    ) -> ChatSession:
         settings = self.runtime.settings
         # a slot is held from the first byte: a client that never configures must not keep it
         timeout = min(settings.idle_timeout_seconds or _CONFIG_TIMEOUT_S, _CONFIG_TIMEOUT_S)
-        try:
-            first = await asyncio.wait_for(anext(aiter(requests)), timeout)
-        except StopAsyncIteration:
-            return None
-        except TimeoutError:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"no config within {timeout} s")
+        first = await self._first_request(requests, timeout)
+        if isinstance(first, Undecodable):
+            raise _NoSession("undecodable first message", first.error())
         if first.WhichOneof("kind") != "config":
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                "the first ConverseRequest must be `config` (a SessionConfig, may be empty)",
+            raise _NoSession(
+                "no config",
+                FailedPrecondition("the first ConverseRequest must be `config` (a SessionConfig, may be empty)"),
             )
         metadata = dict(context.invocation_metadata() or ())
         trace = str(metadata.get("x-trace", "")).lower() in ("1", "true", "yes")
@@ -147,94 +145,54 @@ class VoiceChatServicer(pb_grpc.VoiceChatServiceServicer):
                 trace,
             )
         except ServiceError as exc:
-            await context.abort(exc.code, exc.message)
-        session = ChatSession(self.runtime, options)
-        await session.start(requests)
-        return session
+            raise _NoSession("bad config", exc) from None
+        return ChatSession(self.runtime, options, peer=context.peer())
+
+    async def _first_request(
+        self, requests: AsyncIterator[pb.ConverseRequest | Undecodable], limit_s: float
+    ) -> pb.ConverseRequest | Undecodable:
+        """The stream's first message, unless it ends, times out or the server drains first."""
+        first = asyncio.ensure_future(anext(aiter(requests)))
+        drain = asyncio.ensure_future(self.draining.wait())
+        try:
+            done, _ = await asyncio.wait({first, drain}, timeout=limit_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            drain.cancel()
+            if not first.done():
+                first.cancel()
+        if first in done:
+            try:
+                return first.result()
+            except StopAsyncIteration:
+                raise _NoSession("closed before config", None) from None
+        if drain in done:
+            raise _NoSession("drained before config", Unavailable("the server is shutting down; reconnect"))
+        raise _NoSession("no config", DeadlineExceeded(f"no config within {limit_s:g} s"))
 
     async def Generate(  # noqa: N802 - gRPC method name
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GenerateRequest | Undecodable, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
+        if isinstance(request, Undecodable):
+            await context.abort(*status_of(request.error()))
+            raise AssertionError("unreachable")  # context.abort raises
         try:
-            self.admission.acquire()
+            self._enter()
         except ServiceError as exc:
-            await context.abort(exc.code, exc.message)
+            await context.abort(*status_of(exc))
         try:
-            return await self._generate(request)
+            rt = self.runtime
+            return await oneshot.generate(rt.engine, rt.settings, rt.decode_pool, request)
         except ServiceError as exc:
-            await context.abort(exc.code, exc.message)
+            await context.abort(*status_of(exc))
         finally:
-            self.admission.release()
+            self._leave()
         raise AssertionError("unreachable")  # context.abort raises
 
-    async def _generate(self, request: pb.GenerateRequest) -> pb.GenerateResponse:
-        settings, backend, executors = self.runtime.settings, self.runtime.backend, self.runtime.executors
-        mode = _MODES.get(request.mode)
-        if mode is None:
-            raise InvalidArgument(f"mode {request.mode} is not a GenerateMode", "mode")
-        if len(request.text) > settings.max_text_chars:
-            raise InvalidArgument(f"text is longer than {settings.max_text_chars} characters", "text")
-        if not request.text.strip() and not request.audio:
-            raise InvalidArgument("set text, audio, or both", "text")
-        if mode is GenerateMode.TRANSCRIBE and not request.audio:
-            raise InvalidArgument("GENERATE_MODE_TRANSCRIBE needs audio", "audio")
-        if mode is GenerateMode.SYNTHESIZE and not request.text.strip():
-            raise InvalidArgument("GENERATE_MODE_SYNTHESIZE needs text", "text")
-        audio, rate = None, 0
-        if request.audio:
-            try:
-                audio, rate = decode_audio_file(request.audio)
-            except ValueError as exc:
-                raise InvalidArgument(f"audio: {exc}", "audio") from exc
-            if len(audio) > settings.max_generate_audio_seconds * rate:
-                raise InvalidArgument(f"audio is longer than {settings.max_generate_audio_seconds} s", "audio")
-        base = dataclasses.replace(backend.default_sampling(mode), max_new_tokens=settings.default_max_new_tokens)
-        sampling = resolve_sampling(base, request.sampling, settings.max_new_tokens, "sampling")
-        conversation = backend.new_conversation(request.system_prompt or backend.default_system_prompt(mode), mode)
-        stop = threading.Event()
 
-        def run() -> tuple[list[int], list[np.ndarray], EndReason]:
-            if audio is not None:
-                conversation.add_user_audio(audio, rate)
-            if request.text.strip():
-                conversation.add_user_text(request.text)
-            tokens, frames = [], []
-            end = EndReason.END_OF_TURN
-            for step in conversation.generate(sampling, stop):
-                if isinstance(step, TextToken):
-                    tokens.append(step.token_id)
-                elif isinstance(step, AudioFrame):
-                    if not is_end_of_audio(step.codes):
-                        frames.append(step.codes)
-                elif isinstance(step, Finished):
-                    end = step.reason
-            return tokens, frames, end
+class _NoSession(Exception):
+    """The stream ended before a session could start."""
 
-        def decode(frames: list[np.ndarray]) -> np.ndarray:
-            decoder = backend.new_decoder()
-            try:
-                return np.concatenate([decoder.decode(frames), decoder.flush()])
-            finally:
-                decoder.close()
-
-        loop = asyncio.get_running_loop()
-        try:
-            tokens, frames, end = await loop.run_in_executor(executors.generate, run)
-            pcm = await loop.run_in_executor(executors.decode, decode, frames) if frames else np.zeros(0, np.float32)
-        except asyncio.CancelledError:
-            stop.set()  # the client went away: stop the model at its next step
-            raise
-        except ServiceError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - a model failure fails this call only
-            log.exception("Generate failed")
-            raise Internal(f"generation failed: {exc}") from exc
-        wav = encode_wav(float_to_pcm16(pcm), OUTPUT_SAMPLE_RATE) if frames else b""
-        return pb.GenerateResponse(
-            text=backend.detokenize(tokens),
-            wav=wav,
-            content_type="audio/wav",
-            sample_rate_hz=OUTPUT_SAMPLE_RATE,
-            status=pb.RESPONSE_STATUS_MAX_TOKENS if end is EndReason.MAX_TOKENS else pb.RESPONSE_STATUS_COMPLETED,
-            audio_ms=len(frames) * FRAME_MS,
-        )
+    def __init__(self, outcome: str, error: ServiceError | None) -> None:
+        super().__init__(outcome)
+        self.outcome = outcome
+        self.error = error

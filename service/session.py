@@ -1,34 +1,73 @@
 """ChatSession: all the state of one Converse stream.
 
-A session owns three tasks: the reader (applies client requests in order:
-audio through turn detection, text, commits, cancels, truncation, config
-updates), the responder (answers committed turns one at a time with a
-`ResponseRun`), and the watchdog (idle timeout and session length). Every
-event leaves through the session's `Outbox`, which the servicer drains as the
-stream's only writer. Errors the session survives become in-stream `Error`
-events; errors that end the stream travel in-band as a `StreamEnd`.
+`ChatSession.run` owns every task of the stream in one TaskGroup:
+
+- the reader applies client requests in order (audio through turn detection,
+  text, commits, cancels, truncation, config updates);
+- the responder answers committed turns one at a time with a `ResponseRun`;
+- the writer drains the session's `Outbox` into the call (the stream's only
+  writer) until the in-band `StreamEnd`;
+- the watchdog enforces the idle timeout and the session length, and ends a
+  stream whose client stopped reading once its end has waited `_END_GRACE_S`
+  behind unsent events;
+- short-lived helpers (an input transcription, a truncation's answer).
+
+An unexpected exception in any of them ends the stream with INTERNAL (no
+internals in the message) and one log line with the traceback. Errors the
+session survives become in-stream `Error` events. All model state goes
+through the engine: the session holds a `ConversationRef` only, and history
+edits (record a response, truncate it, undo a speculative one) are engine
+operations applied in order with generation.
+
+Speculative responses: when turn detection sees the speech stop
+(`SpeechPaused`) and the session is idle, the responder starts generating on
+the turn so far, with its events held back (`HeldOutput`) and the engine
+pausing it at its first audio. If the turn is committed with that very audio,
+the response is promoted: `turn_committed`, `response_started` and the held
+events go out at once. If the user speaks again first, the run is aborted, the
+history restored to its snapshot, and nothing of it was ever sent.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
+import numpy as np
 
-from service.backends.base import FRAME_MS, Backend, Conversation
+from service.backends.base import FRAME_MS, AssistantTurn, Backend, Conversation
+from service.backends.engine import ConversationRef, Engine
+from service.clock import now_ms
 from service.config import Settings
-from service.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, ServiceError, Unavailable
+from service.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    OutOfRange,
+    ResourceExhausted,
+    ServiceError,
+    Unavailable,
+    Undecodable,
+    status_of,
+)
+from service.oneshot import transcribe
 from service.options import SessionOptions, apply_update, limits_to_proto, options_to_proto
-from service.outbox import Outbox, StreamEnd, now_ms
-from service.pipeline import Executors, OutputPolicy, ResponseRun, UserInput
+from service.outbox import Outbox, StreamEnd
+from service.pipeline import SAMPLES_PER_MS, OutputPolicy, ResponseResult, ResponseRun, UserInput
 from service.turns import (
     InterruptSpeech,
+    SpeechPaused,
+    SpeechResumed,
     SpeechStarted,
     SpeechStopped,
     TurnEvent,
@@ -42,85 +81,149 @@ log = logging.getLogger(__name__)
 
 _MAX_QUEUED_TURNS = 4  # committed turns waiting for the running response
 _GO_AWAY_LEAD_S = 10.0  # GoAway this long before the session time limit
+_END_GRACE_S = 2.0  # an end waits this long behind unsent events before the call is cut
+_WATCHDOG_TICK_S = 0.25
 
 
 class ProtocolViolation(FailedPrecondition):
     """A request that breaks the stream's protocol; ends the stream."""
 
 
+class _Ended(Exception):
+    """Raised inside the session's TaskGroup to stop every task: the stream is over."""
+
+
+#: how `run` reports a call whose transport failed under a write (the client went away)
+CLIENT_GONE = StreamEnd(grpc.StatusCode.CANCELLED, "the client went away")
+
+
 @dataclass
 class Runtime:
-    """What every session of a server shares."""
+    """What every session of a server shares. The engine exists once the
+    backend has loaded (no session is admitted before)."""
 
     settings: Settings
     backend: Backend
-    executors: Executors
+    decode_pool: Executor  # audio decoding
+    turn_pool: Executor  # voice activity and end-of-turn detection
+    loaded_engine: Engine | None = None
+
+    @property
+    def engine(self) -> Engine:
+        if self.loaded_engine is None:
+            raise RuntimeError("the model engine is not running yet")
+        return self.loaded_engine
+
+
+@dataclass
+class _Speculation:
+    """A response started on the turn so far, before the turn was committed."""
+
+    audio: np.ndarray
+    run: ResponseRun | None = None
+    user: UserInput | None = None  # set when the turn is committed
+    discarded: bool = False
+    decided: asyncio.Event = field(default_factory=asyncio.Event)  # committed or discarded
+
+
+@dataclass
+class _Playback:
+    """The latest response as the client plays it (estimated in real time)."""
+
+    response_id: str = ""
+    start: float = 0.0
+    end: float = 0.0
+    pending_truncate: tuple[str, int] | None = None  # a truncate for the response still running
 
 
 def output_policy(options: SessionOptions, settings: Settings) -> OutputPolicy:
     if settings.pipeline == "baseline":
         return OutputPolicy(chunk_samples=None, first_frames=16, max_stride=16, adaptive=False)
     return OutputPolicy(
-        chunk_samples=options.chunk_ms * 24,
+        chunk_samples=options.chunk_ms * SAMPLES_PER_MS,
         first_frames=options.first_chunk_frames,
         max_stride=options.max_stride_frames,
     )
 
 
 class ChatSession:
-    def __init__(self, runtime: Runtime, options: SessionOptions) -> None:
+    def __init__(self, runtime: Runtime, options: SessionOptions, peer: str = "") -> None:
         self.id = "sess_" + uuid.uuid4().hex[:12]
         self.runtime = runtime
         self.options = options
-        settings = runtime.settings
-        self.outbox = Outbox(max_audio_ms=settings.max_pending_audio_ms)
-        self.conversation: Conversation | None = None
+        self.peer = peer
+        self.outbox = Outbox(max_audio_ms=runtime.settings.max_pending_audio_ms)
+        self.engine = runtime.engine
+        # the engine creates the model-side state on its own thread
+        self.conversation: ConversationRef = self.engine.open(options.system_prompt)
         self.tracker = TurnTracker(options.turn, options.input_sample_rate_hz)
-        self._turns: asyncio.Queue[UserInput | None] = asyncio.Queue(_MAX_QUEUED_TURNS)
-        self._tasks: list[asyncio.Task[None]] = []
+        self._turns: asyncio.Queue[UserInput | _Speculation | None] = asyncio.Queue(_MAX_QUEUED_TURNS + 1)
+        self._group: asyncio.TaskGroup | None = None
         self._pending_text: list[str] = []
         self._turn_count = 0
         self.response_count = 0
         self.current: ResponseRun | None = None
-        self._last_response_id = ""
-        self._last_playback_start = 0.0
-        self._last_playback_end = 0.0
-        self._pending_truncate: tuple[str, int] | None = None
+        self._speculative: _Speculation | None = None
+        self.speculative_starts = 0
+        self.speculative_discards = 0
+        self._playback = _Playback()
         self._speech_end_ts = 0.0
         self._started = time.monotonic()
         self._last_request = time.monotonic()
         self._going_away = False
         self._draining = False
+        self._end: StreamEnd | None = None
+        self._end_deadline = 0.0
+        self._can_speculate = True
+
+    @property
+    def log_extra(self) -> dict[str, str]:
+        return {"session_id": self.id, "peer": self.peer}
 
     # -- lifecycle ------------------------------------------------------------
-    async def start(self, requests: AsyncIterator[pb.ConverseRequest]) -> None:
+    async def run(
+        self,
+        requests: AsyncIterator[pb.ConverseRequest | Undecodable],
+        write: Callable[[pb.ConverseResponse], Awaitable[None]],
+    ) -> StreamEnd:
+        """Serve the stream until it ends; return how it ended.
+
+        Every task of the session runs here and is finished when this returns,
+        also when the caller is cancelled (the client went away)."""
         backend = self.runtime.backend
-        self.conversation = backend.new_conversation(self.options.system_prompt)
-        self.outbox.put(
-            pb.ConverseResponse(
-                session_started=pb.SessionStarted(
-                    session_id=self.id,
-                    config=options_to_proto(self.options),
-                    limits=limits_to_proto(self.runtime.settings),
-                    model=f"{backend.name}:{backend.model_id}",
-                    output_sample_rate_hz=24_000,
-                )
+        self._put(
+            session_started=pb.SessionStarted(
+                session_id=self.id,
+                config=options_to_proto(self.options),
+                limits=limits_to_proto(self.runtime.settings),
+                model=f"{backend.name}:{backend.model_id}",
+                output_sample_rate_hz=24_000,
             )
         )
-        self._tasks = [
-            asyncio.create_task(self._read(requests), name=f"{self.id}-reader"),
-            asyncio.create_task(self._respond_loop(), name=f"{self.id}-responder"),
-            asyncio.create_task(self._watchdog(), name=f"{self.id}-watchdog"),
-        ]
+        try:
+            async with asyncio.TaskGroup() as group:
+                self._group = group
+                group.create_task(self._read(requests), name=f"{self.id}-reader")
+                group.create_task(self._respond_loop(), name=f"{self.id}-responder")
+                group.create_task(self._watchdog(), name=f"{self.id}-watchdog")
+                group.create_task(self._write(write), name=f"{self.id}-writer")
+        except* _Ended:
+            pass
+        except* Exception as crash:  # noqa: BLE001 - any crash of a session task ends the stream, logged once
+            log.error("%s: a session task failed", self.id, exc_info=crash.exceptions[0], extra=self.log_extra)
+            self._end = StreamEnd(*status_of(Internal("internal server error; the session was ended")))
+        finally:
+            self._group = None
+            self._shutdown()
+        return self._end or StreamEnd(None)
 
-    async def close(self) -> None:
-        """Stop everything the session started and wait for it."""
+    def _shutdown(self) -> None:
+        """Synchronous cleanup: nothing here can be skipped by a second cancel."""
         self.outbox.closed = True
-        if self.current is not None:
-            self.current.stop(pb.RESPONSE_STATUS_CANCELLED, "stream closed")
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for run in (self.current, self._speculative.run if self._speculative else None):
+            if run is not None:
+                run.stop(pb.RESPONSE_STATUS_CANCELLED, "stream closed")
+        self.engine.release(self.conversation)
 
     def go_away(self, time_left_s: float, reason: str) -> None:
         """Warn the client that the stream ends in `time_left_s`."""
@@ -132,24 +235,48 @@ class ChatSession:
         """Server shutdown: finish the response in flight, then end the stream."""
         self.go_away(grace_s, "draining")
         self._draining = True
+        self._discard_speculation()
         if self.current is None and self._turns.empty():
-            self.end(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; reconnect")
+            self.end(Unavailable("the server is shutting down; reconnect"))
 
-    def end(self, code: grpc.StatusCode, details: str) -> None:
-        """End the stream with a status once queued events are written."""
-        if self.current is not None:
-            self.current.stop(pb.RESPONSE_STATUS_CANCELLED, details)
-        self.outbox.put(StreamEnd(code, details))
+    def end(self, error: ServiceError | None) -> None:
+        """End the stream (with OK when `error` is None) once the events queued
+        before it are written, or after `_END_GRACE_S` if the client does not read."""
+        if self._end is not None:
+            return
+        self._end = StreamEnd(None) if error is None else StreamEnd(*status_of(error))
+        self._end_deadline = time.monotonic() + _END_GRACE_S
+        if self.current is not None and error is not None:
+            self.current.stop(pb.RESPONSE_STATUS_CANCELLED, error.message)
+        self._discard_speculation()
+        self.outbox.put(self._end)
+
+    # -- writer -----------------------------------------------------------------
+    async def _write(self, write: Callable[[pb.ConverseResponse], Awaitable[None]]) -> None:
+        while True:
+            item = await self.outbox.get()
+            if isinstance(item, StreamEnd):
+                raise _Ended
+            try:
+                await write(item)
+            except Exception as exc:  # noqa: BLE001 - any transport failure means the peer is gone
+                log.debug("%s: write failed: %r", self.id, exc, extra=self.log_extra)
+                self._end = CLIENT_GONE
+                raise _Ended from None
 
     # -- reader -----------------------------------------------------------------
-    async def _read(self, requests: AsyncIterator[pb.ConverseRequest]) -> None:
+    async def _read(self, requests: AsyncIterator[pb.ConverseRequest | Undecodable]) -> None:
         async for request in requests:
             self._last_request = time.monotonic()
+            if self._end is not None:
+                continue  # the stream is ending: read on so the client is not blocked, ignore
+            if isinstance(request, Undecodable):
+                self.end(request.error())
+                continue
             try:
                 await self._handle(request)
             except ProtocolViolation as exc:
-                self.end(exc.code, exc.message)
-                return
+                self.end(exc)
             except ServiceError as exc:
                 self._error(exc)
         await self._end_of_input()
@@ -182,29 +309,34 @@ class ChatSession:
                 f"audio.pcm16 must hold whole 16-bit samples (an even number of bytes), got {len(data)} bytes",
                 "audio.pcm16",
             )
-        if self.options.turn.mode is TurnMode.SERVER_VAD:
-            # voice detection costs ~1 ms per 32 ms of audio: keep it off the event loop
-            loop = asyncio.get_running_loop()
-            events = await loop.run_in_executor(self.runtime.executors.decode, self.tracker.push, data)
-        else:
+        if self.options.turn.mode is TurnMode.MANUAL:
             events = self.tracker.push(data)
+        else:
+            # voice and end-of-turn detection run models: keep them off the event loop
+            loop = asyncio.get_running_loop()
+            events = await loop.run_in_executor(self.runtime.turn_pool, self.tracker.push, data)
         self._dispatch(events)
 
     def _dispatch(self, events: list[TurnEvent]) -> None:
         for event in events:
             if isinstance(event, SpeechStarted):
+                self._discard_speculation()
                 self._put(speech_started=pb.SpeechStarted(audio_start_ms=int(event.audio_start_ms)))
             elif isinstance(event, InterruptSpeech):
                 self._barge_in(int(event.audio_start_ms))
+            elif isinstance(event, SpeechPaused):
+                self._speculate(event.audio)
+            elif isinstance(event, SpeechResumed):
+                self._discard_speculation()
             elif isinstance(event, SpeechStopped):
-                # the detector confirms the end only after `silence_duration_ms`: date the
-                # end of speech back by the audio received since (input arrives in real time)
+                # the detector confirms the end only after some silence: date the end
+                # of speech back by the audio received since (input arrives in real time)
                 self._speech_end_ts = now_ms() - (self.tracker.input_ms - event.audio_end_ms)
                 self._put(speech_stopped=pb.SpeechStopped(audio_end_ms=int(event.audio_end_ms)))
             elif isinstance(event, TurnReady):
-                reason = (
-                    pb.COMMIT_REASON_MAX_TURN_LENGTH if event.reason == "max_turn_length" else pb.COMMIT_REASON_SERVER_VAD
-                )
+                reason = pb.COMMIT_REASON_SERVER_VAD
+                if event.reason == "max_turn_length":
+                    reason = pb.COMMIT_REASON_MAX_TURN_LENGTH
                 self._commit(event, reason)
 
     def _on_text(self, msg: pb.InputText) -> None:
@@ -217,6 +349,7 @@ class ChatSession:
             raise InvalidArgument(
                 f"the pending turn's text would exceed {limit} characters; commit it first", "text.text"
             )
+        self._discard_speculation()  # the turn now holds text the speculation did not see
         self._pending_text.append(msg.text)
         if not msg.defer_response:
             self._commit(self._client_commit(), pb.COMMIT_REASON_TEXT_INPUT)
@@ -237,10 +370,20 @@ class ChatSession:
             return
         if self._draining:
             raise Unavailable("the server is shutting down: no new turns; reconnect", "commit_turn")
-        if self._turns.full():
-            raise ResourceExhausted(
-                f"{_MAX_QUEUED_TURNS} turns already wait for an answer; cancel the response or wait", "commit_turn"
-            )
+        spec = self._speculative
+        promote = (
+            spec is not None
+            and ready is not None
+            and not text
+            and len(ready.audio) == len(spec.audio)
+            and not (spec.run is not None and spec.run.stopping)
+        )
+        if not promote:
+            self._discard_speculation()
+            if self._turns.qsize() >= _MAX_QUEUED_TURNS:
+                raise ResourceExhausted(
+                    f"{_MAX_QUEUED_TURNS} turns already wait for an answer; cancel the response or wait", "commit_turn"
+                )
         self._pending_text = []
         self._turn_count += 1
         turn_id = f"turn_{self._turn_count}"
@@ -250,6 +393,7 @@ class ChatSession:
             text=text,
             commit_ts=now_ms(),
             speech_end_ts=self._speech_end_ts if reason == pb.COMMIT_REASON_SERVER_VAD else 0.0,
+            end_of_turn_probability=getattr(ready, "end_of_turn_probability", 0.0),
         )
         self._speech_end_ts = 0.0
         self._put(
@@ -260,7 +404,17 @@ class ChatSession:
                 reason=reason,
             )
         )
-        self._turns.put_nowait(user)
+        if ready is not None and self.options.input_transcription:
+            self._spawn(self._transcribe(turn_id, ready.audio), f"{self.id}-transcribe-{turn_id}")
+        if promote:
+            assert spec is not None
+            self._speculative = None  # committed: no longer something to discard
+            spec.user = user
+            spec.decided.set()
+            if spec.run is not None:
+                self._promote(spec)
+        else:
+            self._turns.put_nowait(user)
 
     def _barge_in(self, audio_start_ms: int) -> None:
         if not self.options.turn.interrupt_response:
@@ -268,19 +422,20 @@ class ChatSession:
         run = self.current
         if run is not None and not run.stopping:
             run.stop(pb.RESPONSE_STATUS_INTERRUPTED, "the user started speaking")
-            self._put(playback_interrupted=pb.PlaybackInterrupted(response_id=run.response_id, audio_start_ms=audio_start_ms))
-        elif run is None and now_ms() < self._last_playback_end:
+            self._put(
+                playback_interrupted=pb.PlaybackInterrupted(response_id=run.response_id, audio_start_ms=audio_start_ms)
+            )
+        elif run is None and now_ms() < self._playback.end:
             # generation is over but the client is still playing: flush it and
             # keep in the history only what was played so far (real-time playback
             # since the first chunk was sent; a TruncateResponse refines it)
-            played_ms = max(0, int(now_ms() - self._last_playback_start))
+            played_ms = max(0, int(now_ms() - self._playback.start))
+            response_id = self._playback.response_id
             self._put(
-                playback_interrupted=pb.PlaybackInterrupted(
-                    response_id=self._last_response_id, audio_start_ms=audio_start_ms
-                )
+                playback_interrupted=pb.PlaybackInterrupted(response_id=response_id, audio_start_ms=audio_start_ms)
             )
-            self._last_playback_end = 0.0
-            self._truncate(self._last_response_id, played_ms)
+            self._playback.end = 0.0
+            self._truncate(response_id, played_ms, required=False)
 
     def _on_cancel(self, response_id: str) -> None:
         run = self.current
@@ -291,19 +446,43 @@ class ChatSession:
         if not msg.response_id:
             raise InvalidArgument("truncate.response_id is required", "truncate.response_id")
         if self.current is not None and self.current.response_id == msg.response_id:
-            self._pending_truncate = (msg.response_id, msg.audio_played_ms)
+            self._playback.pending_truncate = (msg.response_id, msg.audio_played_ms)
             return
-        if msg.response_id != self._last_response_id or not self._truncate(msg.response_id, msg.audio_played_ms):
-            raise FailedPrecondition(
-                f"truncate.response_id {msg.response_id!r} is not the latest response, or a new turn already "
-                "started after it",
-                "truncate.response_id",
-            )
+        if msg.response_id != self._playback.response_id:
+            raise self._stale_truncate(msg.response_id)
+        self._truncate(msg.response_id, msg.audio_played_ms, required=True)
 
-    def _truncate(self, response_id: str, played_ms: int) -> bool:
-        assert self.conversation is not None
-        kept = -(-played_ms // FRAME_MS)  # frames that were at least partly heard
-        return self.conversation.truncate_response(kept)
+    @staticmethod
+    def _stale_truncate(response_id: str) -> FailedPrecondition:
+        return FailedPrecondition(
+            f"truncate.response_id {response_id!r} is not the latest response, or a new turn already started after it",
+            "truncate.response_id",
+        )
+
+    def _truncate(self, response_id: str, played_ms: int, required: bool) -> None:
+        """Cut the latest response to what was heard, in the engine's order;
+        acknowledge with ResponseTruncated (or an error when it is too late)."""
+        kept_frames = -(-played_ms // FRAME_MS)  # frames that were at least partly heard
+
+        def cut(conversation: Conversation) -> AssistantTurn | None:
+            return conversation.truncate_response(kept_frames)
+
+        future = self.engine.edit(self.conversation, cut)
+        self._spawn(self._acknowledge_truncate(response_id, future, required), f"{self.id}-truncate")
+
+    async def _acknowledge_truncate(
+        self, response_id: str, future: concurrent.futures.Future[AssistantTurn | None], required: bool
+    ) -> None:
+        kept = await asyncio.wrap_future(future)
+        if kept is None:
+            if required:
+                self._error(self._stale_truncate(response_id))
+            return
+        self._put(
+            response_truncated=pb.ResponseTruncated(
+                response_id=response_id, audio_kept_ms=kept.audio_frames * FRAME_MS, heard_text=kept.text
+            )
+        )
 
     def _on_update(self, msg: pb.UpdateConfig) -> None:
         self.options = apply_update(self.options, msg, self.runtime.settings)
@@ -313,47 +492,130 @@ class ChatSession:
         """Half-close: answer what is pending, then end the stream cleanly."""
         with contextlib.suppress(ServiceError):
             self._commit(self.tracker.commit("end_of_input"), pb.COMMIT_REASON_END_OF_INPUT)
+        self._discard_speculation()
         await self._turns.put(None)
+
+    # -- speculation ---------------------------------------------------------------
+    def _speculate(self, audio: np.ndarray) -> None:
+        """Start answering the turn so far, if nothing else is going on."""
+        turn = self.options.turn
+        if not (turn.speculative and self.runtime.settings.speculative and self._can_speculate):
+            return
+        if turn.mode is TurnMode.MANUAL:
+            return
+        if self._speculative or self.current or not self._turns.empty() or self._pending_text:
+            return
+        if self._draining or self._end is not None or not len(audio):
+            return
+        self._speculative = spec = _Speculation(audio)
+        self.speculative_starts += 1
+        self._turns.put_nowait(spec)
+
+    def _discard_speculation(self) -> None:
+        spec, self._speculative = self._speculative, None
+        if spec is None:
+            return
+        spec.discarded = True
+        spec.decided.set()
+        if spec.run is not None:
+            spec.run.stop(pb.RESPONSE_STATUS_CANCELLED, "speculation discarded")
+
+    def _promote(self, spec: _Speculation) -> None:
+        """The turn was committed with the speculation's audio: let it be seen."""
+        run, user = spec.run, spec.user
+        assert run is not None and user is not None
+        self.response_count += 1
+        self._put(response_started=pb.ResponseStarted(response_id=run.response_id, turn_id=user.turn_id))
+        self.current = run
+        run.promote()
+
+    async def _run_speculation(self, spec: _Speculation) -> None:
+        if spec.discarded:
+            self.speculative_discards += 1
+            return
+        try:
+            snapshot = await asyncio.wrap_future(self.engine.edit(self.conversation, Conversation.snapshot))
+        except NotImplementedError:
+            # this backend cannot undo a response: answer committed turns only
+            log.info("%s: speculation off (the backend cannot undo a response)", self.id, extra=self.log_extra)
+            self._can_speculate = False
+            if self._speculative is spec:
+                self._speculative = None
+            if spec.user is not None:
+                await self._respond(spec.user)
+            return
+        run = self._new_run(f"resp_{self.response_count + 1}", speculative=True)
+        spec.run = run
+        if spec.discarded:
+            run.stop(pb.RESPONSE_STATUS_CANCELLED, "speculation discarded")
+        elif spec.user is not None:
+            self._promote(spec)
+        try:
+            result = await run.run(UserInput(turn_id="", audio=spec.audio))
+            # a short answer can be complete before its turn is: wait for the verdict
+            await spec.decided.wait()
+        finally:
+            if self.current is run:
+                self.current = None
+        if run.held:
+            # never committed: undo it as if it had not happened
+            self.speculative_discards += 1
+            self._edit(lambda c: c.restore(snapshot), "undo a speculative response")
+            return
+        assert spec.user is not None
+        self._finish_response(run, result, spec.user)
 
     # -- responder ---------------------------------------------------------------
     async def _respond_loop(self) -> None:
-        while (user := await self._turns.get()) is not None:
-            await self._respond(user)
-            if self._draining:
-                self.end(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; reconnect")
+        while (item := await self._turns.get()) is not None:
+            if isinstance(item, _Speculation):
+                await self._run_speculation(item)
+            else:
+                await self._respond(item)
+            if self._draining and self._turns.empty():
+                self.end(Unavailable("the server is shutting down; reconnect"))
                 return
-        self.outbox.put(StreamEnd(None))
+        self.end(None)
 
-    async def _respond(self, user: UserInput) -> None:
-        assert self.conversation is not None
+    def _new_run(self, response_id: str, speculative: bool = False) -> ResponseRun:
         rt = self.runtime
-        self.response_count += 1
-        response_id = f"resp_{self.response_count}"
-        self._put(response_started=pb.ResponseStarted(response_id=response_id, turn_id=user.turn_id))
-        run = ResponseRun(
+        return ResponseRun(
             response_id=response_id,
-            backend=rt.backend,
+            engine=self.engine,
             conversation=self.conversation,
             sampling=self.options.sampling,
             policy=output_policy(self.options, rt.settings),
             outbox=self.outbox,
-            executors=rt.executors,
+            decode_pool=rt.decode_pool,
             trace=self.options.trace,
+            speculative=speculative,
         )
+
+    async def _respond(self, user: UserInput) -> None:
+        self.response_count += 1
+        response_id = f"resp_{self.response_count}"
+        self._put(response_started=pb.ResponseStarted(response_id=response_id, turn_id=user.turn_id))
+        run = self._new_run(response_id)
         self.current = run
         try:
             result = await run.run(user)
         finally:
             self.current = None
-        self.conversation.record_response(result.turn)
-        self._last_response_id = response_id
-        if self._pending_truncate and self._pending_truncate[0] == response_id:
-            self._truncate(response_id, self._pending_truncate[1])
-        self._pending_truncate = None
-        self._last_playback_start = run.stats.first_audio_ts or now_ms()
-        self._last_playback_end = self._last_playback_start + result.audio_ms
+        self._finish_response(run, result, user)
+
+    def _finish_response(self, run: ResponseRun, result: ResponseResult, user: UserInput) -> None:
+        response_id = run.response_id
+        turn, heard = result.turn, result.heard_frames
+        self._edit(lambda c: c.record_response(turn, heard), "record a response")
+        pending, self._playback.pending_truncate = self._playback.pending_truncate, None
+        self._playback.response_id = response_id
+        self._playback.start = run.stats.first_audio_ts or now_ms()
+        self._playback.end = self._playback.start + result.audio_ms
+        if pending and pending[0] == response_id:
+            self._truncate(response_id, pending[1], required=True)
         if result.status == pb.RESPONSE_STATUS_FAILED:
-            log.warning("%s %s failed: %s", self.id, response_id, result.reason)
+            log.warning("%s %s failed: %s", self.id, response_id, result.reason,
+                        extra={**self.log_extra, "response_id": response_id})  # fmt: skip
         self._put(
             response_ended=pb.ResponseEnded(
                 response_id=response_id,
@@ -363,33 +625,64 @@ class ChatSession:
                 text_tokens=result.text_tokens,
                 audio_frames=result.audio_frames,
                 audio_ms=result.audio_ms,
+                heard_text=(turn if heard is None else turn.truncated(heard)).text,
             )
         )
         if self.options.trace:
-            self.outbox.put(
-                lambda: pb.ConverseResponse(metrics=pb.Metrics(response_id=response_id, response=run.metrics(user)))
-            )
+            starts, discards = self.speculative_starts, self.speculative_discards
+
+            def metrics() -> pb.ConverseResponse:
+                summary = run.metrics(user)
+                summary.speculative_starts, summary.speculative_discards = starts, discards
+                return pb.ConverseResponse(metrics=pb.Metrics(response_id=response_id, response=summary))
+
+            self.outbox.put(metrics)
+
+    # -- helpers ---------------------------------------------------------------------
+    async def _transcribe(self, turn_id: str, audio: np.ndarray) -> None:
+        try:
+            text = await transcribe(self.engine, audio)
+        except ServiceError as exc:
+            self._error(exc)
+            return
+        self._put(input_transcription=pb.InputTranscription(turn_id=turn_id, text=text))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        """Run a short helper task owned by the session's TaskGroup."""
+        if self._group is None:
+            coro.close()
+            return
+        self._group.create_task(coro, name=name)
+
+    def _edit(self, op: Callable[[Conversation], object], what: str) -> None:
+        """A history edit nobody waits for; a failure is logged."""
+
+        def check(future: concurrent.futures.Future[object]) -> None:
+            if not future.cancelled() and (exc := future.exception()) is not None:
+                log.error("%s: cannot %s", self.id, what, exc_info=exc, extra=self.log_extra)
+
+        self.engine.edit(self.conversation, op).add_done_callback(check)
 
     # -- watchdog ------------------------------------------------------------
     async def _watchdog(self) -> None:
         settings = self.runtime.settings
         while True:
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(_WATCHDOG_TICK_S)
             now = time.monotonic()
+            if self._end is not None:
+                if now >= self._end_deadline:
+                    raise _Ended  # the client does not read its end: cut the call
+                continue
             if settings.max_session_seconds:
                 left = settings.max_session_seconds - (now - self._started)
                 if left <= 0:
-                    self.end(
-                        grpc.StatusCode.OUT_OF_RANGE, f"session reached its maximum duration of {settings.max_session_seconds} s"
-                    )
-                    return
+                    self.end(OutOfRange(f"session reached its maximum duration of {settings.max_session_seconds} s"))
+                    continue
                 if left <= _GO_AWAY_LEAD_S:
                     self.go_away(left, "max_session_duration")
             idle = settings.idle_timeout_seconds
             if idle and self.current is None and now - self._last_request > idle:
-                self.end(grpc.StatusCode.DEADLINE_EXCEEDED, f"no request for {idle} s (idle timeout)")
-                return
+                self.end(DeadlineExceeded(f"no request for {idle} s (idle timeout)"))
 
     def _put(self, **event: object) -> None:
         self.outbox.put(pb.ConverseResponse(**event))  # type: ignore[arg-type]
-

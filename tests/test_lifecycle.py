@@ -67,7 +67,7 @@ async def test_client_vanishing_mid_response_frees_everything(start_server: Star
     async for event in call:
         if event.WhichOneof("event") == "audio_chunk":
             break
-    assert servicer.admission.active == 1 and len(_session_tasks()) == 3
+    assert servicer.admission.active == 1 and len(_session_tasks()) == 4  # reader, responder, watchdog, writer
     started = time.monotonic()
     call.cancel()
     await _wait_for(lambda: servicer.admission.active == 0 and not servicer.sessions and not _session_tasks())

@@ -147,6 +147,7 @@ class Conversation(ABC):
 
     def __init__(self) -> None:
         self._pending: AssistantTurn | None = None
+        self._pending_sent: AssistantTurn | None = None  # all of it the listener received
 
     # -- user input ---------------------------------------------------------
     def add_user_audio(self, pcm: np.ndarray, sample_rate: int) -> None:
@@ -160,31 +161,36 @@ class Conversation(ABC):
         self._add_user_text(text)
 
     # -- assistant output ---------------------------------------------------
-    def record_response(self, turn: AssistantTurn) -> None:
-        """Remember what the model generated for the response just ended."""
+    def record_response(self, turn: AssistantTurn, heard_frames: int | None = None) -> None:
+        """Remember the response just ended: `turn` is what the listener
+        received, `heard_frames` how many of its audio frames they are
+        estimated to have heard (None: all of it)."""
         self._flush_pending()
-        self._pending = turn
+        self._pending_sent = turn
+        self._pending = turn if heard_frames is None else turn.truncated(heard_frames)
 
     def truncate_response(self, audio_frames_kept: int) -> AssistantTurn | None:
         """Keep only what the listener heard of the latest response; return
         what is kept, or None when there is no pending response to truncate
         (it was already followed by new user input)."""
-        if self._pending is None:
+        if self._pending is None or self._pending_sent is None:
             return None
-        self._pending = self._pending.truncated(audio_frames_kept)
+        self._pending = self._pending_sent.truncated(audio_frames_kept)
         return self._pending
 
     # -- speculation ----------------------------------------------------------
     def snapshot(self) -> object:
         """An opaque copy of the history, for `restore` (a speculative response
         is generated after one and undone with the other)."""
-        return (self._pending, self._snapshot())
+        return (self._pending, self._pending_sent, self._snapshot())
 
     def restore(self, snapshot: object) -> None:
         """Put the history back exactly as it was at `snapshot()`."""
-        pending, state = snapshot  # type: ignore[misc]
-        self._restore(state)
-        self._pending = pending
+        assert isinstance(snapshot, tuple)
+        pending: AssistantTurn | None = snapshot[0]
+        sent: AssistantTurn | None = snapshot[1]
+        self._restore(snapshot[2])
+        self._pending, self._pending_sent = pending, sent
 
     def _snapshot(self) -> object:
         raise NotImplementedError(f"{type(self).__name__} cannot undo a speculative response")
@@ -195,7 +201,7 @@ class Conversation(ABC):
     def _flush_pending(self) -> None:
         if self._pending is not None:
             self._append_assistant(self._pending)
-            self._pending = None
+            self._pending = self._pending_sent = None
 
     # -- generation ---------------------------------------------------------
     def generate(self, sampling: Sampling, stop: threading.Event) -> Iterator[Step]:

@@ -263,13 +263,21 @@ class _Lane:
         self._lock = threading.Lock()
         self._running = False
 
-    def run(self, job: Callable[[], None]) -> None:
+    def run(self, job: Callable[[], None]) -> bool:
+        """Queue `job`; False when the pool no longer takes work (shutdown)."""
         with self._lock:
             self._jobs.append(job)
             if self._running:
-                return
+                return True
             self._running = True
-        self._pool.submit(self._drain)
+        try:
+            self._pool.submit(self._drain)
+        except RuntimeError:  # the engine was closed
+            with self._lock:
+                self._jobs.clear()
+                self._running = False
+            return False
+        return True
 
     def _drain(self) -> None:
         while True:
@@ -301,14 +309,9 @@ class ThreadedEngine(Engine):
     def name(self) -> str:
         return "serial"
 
-    def _lane(self, conversation: ConversationRef) -> _Lane:
+    def _lane(self, conversation: ConversationRef) -> _Lane | None:
         with self._lock:
-            if self._closed:
-                raise RuntimeError("the engine is closed")
-            lane = self._lanes.get(conversation.id)
-            if lane is None:
-                raise KeyError(f"{conversation!r} is not open")
-            return lane
+            return None if self._closed else self._lanes.get(conversation.id)
 
     def open(self, system_prompt: str, mode: GenerateMode = GenerateMode.CHAT) -> ConversationRef:
         ref = ConversationRef(system_prompt, mode)
@@ -329,6 +332,9 @@ class ThreadedEngine(Engine):
     def submit(self, request: GenerationRequest, sink: StepSink) -> RequestHandle:
         handle = RequestHandle(request)
         lane = self._lane(request.conversation)
+        if lane is None:
+            sink.finished(None, RuntimeError("the engine is closed or the conversation was released"))
+            return handle
         with self._lock:
             self._handles.add(handle)
             self.stats.waiting += 1
@@ -350,12 +356,16 @@ class ThreadedEngine(Engine):
                     self.stats.running -= 1
                     self._handles.discard(handle)
 
-        lane.run(generate)
+        if not lane.run(generate):
+            sink.finished(None, RuntimeError("the engine is closed"))
         return handle
 
     def edit(self, conversation: ConversationRef, op: Callable[[Conversation], T]) -> concurrent.futures.Future[T]:
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         lane = self._lane(conversation)
+        if lane is None:
+            future.set_exception(RuntimeError("the engine is closed or the conversation was released"))
+            return future
 
         def apply() -> None:
             if not future.set_running_or_notify_cancel():
@@ -368,7 +378,8 @@ class ThreadedEngine(Engine):
             except Exception as exc:  # noqa: BLE001 - delivered to the caller through the future
                 future.set_exception(exc)
 
-        lane.run(apply)
+        if not lane.run(apply) and not future.done():
+            future.set_exception(RuntimeError("the engine is closed"))
         return future
 
     def release(self, conversation: ConversationRef) -> None:

@@ -113,14 +113,12 @@ class ScriptedConversation(Conversation):
         return (list(self.history), list(self._user_text), self._user_audio_s, self._heard_note, self.turns, last)
 
     def _restore(self, state: object) -> None:
-        history, user_text, audio_s, note, turns, last = state  # type: ignore[misc]
-        self.history, self._user_text, self._user_audio_s, self._heard_note, self.turns = (
-            list(history),
-            list(user_text),
-            audio_s,
-            note,
-            turns,
-        )
+        assert isinstance(state, tuple)
+        history: list[tuple[str, object]] = state[0]
+        user_text: list[str] = state[1]
+        self.history, self._user_text = list(history), list(user_text)
+        self._user_audio_s, self._heard_note, self.turns = float(state[2]), str(state[3]), int(state[4])
+        last: int | None = state[5]
         if last is None:
             self._backend.last_reply_frames.pop(id(self), None)
         else:
