@@ -61,9 +61,28 @@ async def test_reflection_v1_and_v1alpha_describe_converse_as_bidi(running: Runn
         methods = {m.name: m for m in service.method}
         assert methods["Converse"].client_streaming and methods["Converse"].server_streaming
         assert not methods["Generate"].client_streaming and not methods["Generate"].server_streaming
-    # the generated v1alpha stub talks to the same servicer
+    # the generated v1alpha stub talks to the same servicer: it lists the
+    # service, and each method's request and response types resolve to the
+    # file that declares them
     stub = reflection_pb2_grpc.ServerReflectionStub(running.channel)
-    assert stub is not None
+    first = [
+        reflection_pb2.ServerReflectionRequest(list_services=""),
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICE),
+    ]
+    listed, found = [reply async for reply in stub.ServerReflectionInfo(iter(first))]
+    assert SERVICE in {s.name for s in listed.list_services_response.service}
+    service = next(s for f in _files(found) for s in f.service if s.name == "VoiceChatService")
+    types = sorted({t.lstrip(".") for m in service.method for t in (m.input_type, m.output_type)})
+    assert {m.name for m in service.method} == {"Converse", "Generate"} and len(types) == 4
+    asked = [reflection_pb2.ServerReflectionRequest(file_containing_symbol=t) for t in types]
+    for name, reply in zip(types, [r async for r in stub.ServerReflectionInfo(iter(asked))], strict=True):
+        assert not reply.HasField("error_response"), (name, reply.error_response.error_message)
+        assert name in {f"{f.package}.{m.name}" for f in _files(reply) for m in f.message_type}
+
+
+def _files(reply: reflection_pb2.ServerReflectionResponse) -> list[descriptor_pb2.FileDescriptorProto]:
+    protos = reply.file_descriptor_response.file_descriptor_proto
+    return [descriptor_pb2.FileDescriptorProto.FromString(b) for b in protos]
 
 
 def _check_response_shape(events: list[pb.ConverseResponse], chunk_ms: int = 40) -> str:

@@ -4,12 +4,16 @@ against the real server on loopback."""
 from __future__ import annotations
 
 import asyncio
+import sys
+import threading
 import time
+import traceback
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from service.backends import scripted
 from tests.conftest import Running, StartServer
 from tests.helpers import collect_until, config, kinds, requests, response_audio, text
 from voicechat.v1 import voicechat_pb2 as pb
@@ -60,10 +64,36 @@ async def test_cancel_response_mid_generation(start_server: StartServer) -> None
     call.cancel()
 
 
+def _threads_in_the_model() -> list[str]:
+    """Threads whose stack is inside the scripted model's code (an idle pool thread is not)."""
+    frames = sys._current_frames()
+    return [
+        thread.name
+        for thread in threading.enumerate()
+        if thread.ident in frames
+        and any(f.f_code.co_filename == scripted.__file__ for f, _ in traceback.walk_stack(frames[thread.ident]))
+    ]
+
+
+async def _model_goes_idle(within: float) -> None:
+    """Wait until no thread was inside the model for 10 polls in a row: a generating
+    thread spends nearly all its time there, asleep in the model's step."""
+    deadline = time.monotonic() + within
+    idle_polls = 0
+    while idle_polls < 10:
+        busy = _threads_in_the_model()
+        assert time.monotonic() < deadline, f"the model is still generating in {busy}"
+        idle_polls = 0 if busy else idle_polls + 1
+        await asyncio.sleep(0.01)
+
+
 async def test_client_vanishing_mid_response_frees_everything(start_server: StartServer) -> None:
     running = await start_server(scripted_step_ms=5)
     servicer = running.server.servicer
-    call = running.stub.Converse(requests([config(), text(LONG)]))
+    # 2048 tokens take over 10 s at 5 ms a step: unless the cancel really stops
+    # the model, it is still generating when the deadline below runs out
+    sampling = pb.SamplingParams(max_new_tokens=2048)
+    call = running.stub.Converse(requests([config(sampling=sampling), text("#frames=4000 a very long story")]))
     async for event in call:
         if event.WhichOneof("event") == "audio_chunk":
             break
@@ -73,9 +103,12 @@ async def test_client_vanishing_mid_response_frees_everything(start_server: Star
     await _wait_for(lambda: servicer.admission.active == 0 and not servicer.sessions and not _session_tasks())
     freed_after = time.monotonic() - started
     assert freed_after < 2.0
-    backend = running.server.backend
-    # the model thread stopped too: a generation for 400 frames at 5 ms/step would still run
-    assert backend is not None
+    # the model thread stopped too: no thread is still generating
+    await _model_goes_idle(within=3.0)
+    # and after stop no engine, generation or decode thread is left
+    await running.server.stop(0)
+    workers = ("engine", "generate", "decode", "turns", "lfm2-engine")
+    await _wait_for(lambda: not [t.name for t in threading.enumerate() if t.name.startswith(workers)])
 
 
 async def test_trace_off_sends_no_metrics_and_trace_on_sends_them(start_server: StartServer) -> None:
@@ -186,16 +219,20 @@ async def test_drain_lets_the_response_in_flight_finish(start_server: StartServe
     health = health_pb2_grpc.HealthStub(running.channel)
     stop = asyncio.create_task(running.server.stop(5))
     events = []
+    draining_health = None
     with pytest.raises(grpc.aio.AioRpcError) as info:
         async for event in call:
             events.append(event)
+            if event.WhichOneof("event") == "go_away":
+                # the response in flight still runs: the server answers, NOT_SERVING
+                draining_health = (await health.Check(health_pb2.HealthCheckRequest())).status
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert draining_health == health_pb2.HealthCheckResponse.NOT_SERVING
     order = kinds(events)
-    assert order[0] == "go_away" or "go_away" in order
+    assert "go_away" in order and order.index("go_away") < order.index("response_ended")
     ended = next(e.response_ended for e in events if e.WhichOneof("event") == "response_ended")
     assert ended.status == pb.RESPONSE_STATUS_COMPLETED and ended.audio_frames == 60
     await stop
-    del health
 
 
 async def test_playback_audio_is_the_backend_decoder_output(running: Running) -> None:

@@ -62,7 +62,7 @@ async def test_invalid_config_is_invalid_argument_naming_the_field(
     call = running.stub.Converse(requests([pb.ConverseRequest(config=session_config)], hold=5))
     error = await _status_of(call)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert field in error.details() and "between" in error.details() or "one of" in error.details()
+    assert field in error.details() and ("between" in error.details() or "one of" in error.details())
 
 
 async def test_recoverable_errors_keep_the_session_alive(running: Running) -> None:
