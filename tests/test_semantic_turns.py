@@ -8,6 +8,7 @@ timeline (ms of input pushed when an event came out), never on the wall clock.
 from __future__ import annotations
 
 import asyncio
+import json
 
 import numpy as np
 import pytest
@@ -231,3 +232,20 @@ async def test_semantic_mode_commits_a_sentence_over_converse(start_server: Star
     assert spoken < committed.audio_duration_ms < spoken + 500
     assert events[-1].response_ended.status == pb.RESPONSE_STATUS_COMPLETED
     call.cancel()
+
+
+def test_quick_turn_bench_reports_both_modes(tmp_path) -> None:
+    from bench import turns
+
+    out = tmp_path / "turns.json"
+    assert turns.main(["--quick", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    vad, semantic = report["complete"]["server_vad"], report["complete"]["semantic"]
+    assert vad["missed"] == semantic["missed"] == [] and semantic["held_to_max_silence"] == []
+    # On the audio timeline (the push's own time taken out) semantic mode commits within VAD's silence.
+    silence_ms = TurnSettings().silence_duration_ms
+    assert semantic["silence_waited_ms"]["max"] < silence_ms <= vad["silence_waited_ms"]["p50"]
+    # The 800 ms pause after "um" cuts the turn with server VAD, never in semantic mode.
+    assert (report["hesitation"]["server_vad"]["early"], report["hesitation"]["semantic"]["early"]) == (1, 0)
+    assert report["cost"]["judgements"] > 0 and report["cost"]["judgement_wall_ms"]["p50"] > 0
+    assert [t["met"] in (True, False) for t in report["targets"]] == [True, True]
