@@ -33,6 +33,7 @@ from voicechat.v1 import voicechat_pb2 as pb
 log = logging.getLogger(__name__)
 
 PREFIX = "voicechat"
+MetricsHTTPServer = WSGIServer  # what start_metrics_server returns
 _STATUS_NAMES = frozenset(code.name for code in grpc.StatusCode)
 
 # Bucket bounds, in seconds unless said otherwise. The latency targets sit
@@ -264,7 +265,7 @@ class ServiceMetrics:
 
 def start_metrics_server(
     port: int, host: str = "127.0.0.1", registry: CollectorRegistry | None = None
-) -> tuple[WSGIServer, int]:
+) -> tuple[MetricsHTTPServer, int]:
     """Serve `registry` at http://host:port/metrics from a daemon thread.
 
     Port 0 picks a free port; returns the HTTP server and the bound port.
@@ -275,7 +276,7 @@ def start_metrics_server(
     return httpd, bound
 
 
-def stop_metrics_server(httpd: WSGIServer) -> None:
+def stop_metrics_server(httpd: MetricsHTTPServer) -> None:
     """Stop serving and close the socket. Blocks up to half a second (the
     server's poll interval): call it from a worker thread in async code."""
     httpd.shutdown()
