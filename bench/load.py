@@ -163,6 +163,7 @@ class TurnRecord:
     conversation: int
     turn: int
     error: str = ""
+    commit_ms: float | None = None  # end of speech -> turn_committed received
     first_text_ms: float | None = None
     first_audio_ms: float | None = None
     first_playable_ms: float | None = None
@@ -256,6 +257,7 @@ class _TurnProbe:
         self.record = TurnRecord(conversation, turn)
         self.end_of_speech = 0.0
         self.response_id = ""
+        self.committed = 0.0
         self.first_text = 0.0
         self.arrivals: list[tuple[float, float]] = []
         self.sources: list[float] = []  # source_ts_ms of each chunk; a decode batch shares one
@@ -270,7 +272,9 @@ class _TurnProbe:
                 rec.ready_overhead_ms.append(recv - ready)
                 rec.queued_ms.append(event.ts_ms - ready)
                 rec.wire_ms.append(recv - event.ts_ms)
-        if kind == "response_started":
+        if kind == "turn_committed":
+            self.committed = self.committed or recv
+        elif kind == "response_started":
             if not self.response_id:
                 self.response_id = event.response_started.response_id
             else:
@@ -317,6 +321,8 @@ class _TurnProbe:
 
     def finish(self) -> TurnRecord:
         rec, end = self.record, self.end_of_speech
+        if self.committed:
+            rec.commit_ms = self.committed - end
         if self.first_text:
             rec.first_text_ms = self.first_text - end
         if self.arrivals:
@@ -372,7 +378,8 @@ class LoadPlan:
     conversations: int
     turns: int
     utterances: tuple[bytes, ...]  # 16 kHz PCM16, trimmed speech
-    turn_detection: str = "manual"  # "manual" or "vad"
+    turn_detection: str = "manual"  # "manual", "vad" or "semantic"
+    speculative: bool = True  # server VAD and semantic: start the response in the silence
     input_chunk_ms: int = 40
     ramp_s: float = 3.0  # conversation starts are spread over this window
     think_ms: float = 200.0  # pause between the end of playback and the next utterance
@@ -417,9 +424,12 @@ async def _conversation(index: int, target: str, plan: LoadPlan, start_delay_s: 
     await asyncio.sleep(start_delay_s)
     records: list[TurnRecord] = []
     manual = plan.turn_detection == "manual"
-    mode = pb.TURN_DETECTION_MODE_MANUAL if manual else pb.TURN_DETECTION_MODE_SERVER_VAD
+    mode = {"manual": pb.TURN_DETECTION_MODE_MANUAL, "vad": pb.TURN_DETECTION_MODE_SERVER_VAD,
+            "semantic": pb.TURN_DETECTION_MODE_SEMANTIC}[plan.turn_detection]  # fmt: skip
     config = pb.SessionConfig(
-        trace=True, client_label=f"bench-{index}", turn_detection=pb.TurnDetection(mode=mode)
+        trace=True,
+        client_label=f"bench-{index}",
+        turn_detection=pb.TurnDetection(mode=mode, speculative=plan.speculative),
     )
     if plan.max_new_tokens:
         config.sampling.max_new_tokens = plan.max_new_tokens
@@ -534,6 +544,10 @@ class RunResult:
             "error_samples": self.errors[:5],
             "wall_s": self.wall_s,
             "throughput_turns_per_s": len(ok) / self.wall_s if self.wall_s else 0.0,
+            "commit_ms": percentiles([r.commit_ms for r in ok if r.commit_ms is not None]),
+            "commit_to_first_audio_ms": percentiles(
+                [r.first_audio_ms - r.commit_ms for r in ok if r.first_audio_ms is not None and r.commit_ms is not None]
+            ),
             "first_text_ms": percentiles([r.first_text_ms for r in ok if r.first_text_ms is not None]),
             "first_audio_ms": percentiles([r.first_audio_ms for r in ok if r.first_audio_ms is not None]),
             "first_playable_ms": percentiles([r.first_playable_ms for r in ok if r.first_playable_ms is not None]),

@@ -353,7 +353,7 @@ class VoiceChatClient:
         sampling: Sampling | None = None,
         deadline_s: float | None = None,
     ) -> GenerateResult:
-        """One-shot generation: `text` and/or `audio` (a WAV or MP3 file) in,
+        """One-shot generation: `text` and/or `audio` (a WAV, FLAC or MP3 file) in,
         text and a WAV file out. `mode`: chat, transcribe or synthesize;
         `deadline_s` is the gRPC deadline (the server stops work past it)."""
         mode_value = GENERATE_MODES[mode.lower()] if isinstance(mode, str) else mode

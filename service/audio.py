@@ -160,13 +160,3 @@ def read_audio_file(data: bytes, max_seconds: float) -> tuple[Float32Array, int]
         raise ValueError("the audio file holds no samples")
     parts.append(resampler.flush())
     return np.concatenate(parts).astype(np.float32, copy=False), TARGET_RATE_HZ
-
-
-# Generate calls this until it moves to `read_audio_file` with its own limit;
-# the bound keeps decoding finite meanwhile (the caller checks its limit after).
-_LEGACY_MAX_SECONDS: Final = 600.0
-
-
-def decode_audio_file(data: bytes) -> tuple[Float32Array, int]:
-    """`read_audio_file` with a fixed 600 s bound; returns 16 kHz samples."""
-    return read_audio_file(data, _LEGACY_MAX_SECONDS)
