@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -36,6 +37,8 @@ async def serve(argv: Sequence[str] | None = None) -> int:
             await stopped
         else:
             start.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await start
     except (BackendLoadError, StartupError) as exc:
         # one line and status 2, no traceback: the operator fixes the set-up
         log.error("cannot start: %s", exc)

@@ -39,6 +39,7 @@ REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 _LAME_DUCK_S = 0.5
 _MODEL_STOP_S = 5.0  # longest wait for the engine's threads at shutdown
+_LOAD_STOP_S = 120.0  # longest wait for a model load interrupted by shutdown
 _OPEN_PREFIXES = (f"/{HEALTH_SERVICE}/", f"/{REFLECTION_V1}/", f"/{reflection.SERVICE_NAME}/")
 
 
@@ -271,6 +272,7 @@ class VoiceChatServer:
         self._server: grpc.aio.Server | None = None
         self._servicer: VoiceChatServicer | None = None
         self._runtime: Runtime | None = None
+        self._loading: asyncio.Future[None] | None = None
 
     @property
     def servicer(self) -> VoiceChatServicer:
@@ -310,9 +312,10 @@ class VoiceChatServer:
         await server.start()
         log.info("listening on %s:%d (backend %s)", settings.host, self.port, backend.name)
         started = time.monotonic()
-        await asyncio.to_thread(backend.load)
-        if settings.warmup:
-            await asyncio.to_thread(backend.warmup)
+        # loading runs in a thread that a cancel cannot stop: stop() waits for it
+        # before it frees the model, so the weights are never freed under a load
+        self._loading = asyncio.ensure_future(asyncio.to_thread(self._load, backend, settings.warmup))
+        await asyncio.shield(self._loading)
         engine = create_engine(backend, settings)
         engine.start()
         runtime.loaded_engine = engine
@@ -344,11 +347,21 @@ class VoiceChatServer:
         await self._close_model(grace)
         log.info("server stopped")
 
+    @staticmethod
+    def _load(backend: Backend, warmup: bool) -> None:
+        backend.load()
+        if warmup:
+            backend.warmup()
+
     async def _close_model(self, grace: float) -> None:
         """Stop the engine's and the pools' threads, then free the model: the
         weights are released only once nothing can be using them."""
         runtime, self._runtime = self._runtime, None
         stopped = True
+        if self._loading is not None and not self._loading.done():
+            log.info("waiting for the model load to finish before freeing it")
+            done, _ = await asyncio.wait({self._loading}, timeout=_LOAD_STOP_S)
+            stopped = bool(done)
         if runtime is not None:
             if runtime.loaded_engine is not None:
                 stopped = await asyncio.to_thread(runtime.loaded_engine.close, max(grace, _MODEL_STOP_S))
