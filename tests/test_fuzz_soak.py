@@ -99,15 +99,31 @@ requests_st = st.one_of(
 )
 
 
+# a flood of failing requests (empty, or commits with nothing to commit) at some point of the sequence
+floods = st.tuples(
+    st.integers(0, 12),
+    st.integers(50, 3000),
+    st.sampled_from([pb.ConverseRequest(), pb.ConverseRequest(commit_turn=pb.CommitTurn())]),
+)
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(
     first_is_config=st.booleans(),
     body=st.lists(requests_st, max_size=12),
+    flood=st.one_of(st.none(), floods),
     disconnect_after=st.one_of(st.none(), st.integers(0, 30)),
 )
 def test_fuzzed_request_sequences_get_documented_answers(
-    fuzz_server: ServerThread, first_is_config: bool, body: list[pb.ConverseRequest], disconnect_after: int | None
+    fuzz_server: ServerThread,
+    first_is_config: bool,
+    body: list[pb.ConverseRequest],
+    flood: tuple[int, int, pb.ConverseRequest] | None,
+    disconnect_after: int | None,
 ) -> None:
+    if flood is not None:
+        at, count, request = flood
+        body = body[:at] + [request] * count + body[at:]
     items = ([pb.ConverseRequest(config=pb.SessionConfig())] if first_is_config else []) + body
     with grpc.insecure_channel(f"127.0.0.1:{fuzz_server.port}") as channel:
         stub = pb_grpc.VoiceChatServiceStub(channel)
