@@ -380,6 +380,7 @@ class LoadPlan:
     utterances: tuple[bytes, ...]  # 16 kHz PCM16, trimmed speech
     turn_detection: str = "manual"  # "manual", "vad" or "semantic"
     speculative: bool = True  # server VAD and semantic: start the response in the silence
+    input_transcription: bool = False  # ask for a transcript of every spoken turn
     input_chunk_ms: int = 40
     ramp_s: float = 3.0  # conversation starts are spread over this window
     think_ms: float = 200.0  # pause between the end of playback and the next utterance
@@ -428,6 +429,7 @@ async def _conversation(index: int, target: str, plan: LoadPlan, start_delay_s: 
             "semantic": pb.TURN_DETECTION_MODE_SEMANTIC}[plan.turn_detection]  # fmt: skip
     config = pb.SessionConfig(
         trace=True,
+        input_transcription=plan.input_transcription,
         client_label=f"bench-{index}",
         turn_detection=pb.TurnDetection(mode=mode, speculative=plan.speculative),
     )

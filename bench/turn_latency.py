@@ -1,5 +1,6 @@
 """End of speech -> first audio with server turn detection: server VAD without
-and with speculative responses, and semantic mode, in one run.
+and with speculative responses, and semantic mode, in one run; and what asking for a transcript of each
+turn costs the response.
 
 Every simulated user speaks espeak-ng phrases at real time and then sends
 digital silence, as a live microphone does, until the server commits the turn
@@ -27,10 +28,11 @@ from bench.latency import UTTERANCES
 from bench.load import LoadPlan, ServerProcess, run_load, scripted_args
 from bench.speech import utterance
 
-MODES = (
-    ("server VAD", "vad", False),
-    ("server VAD + speculation", "vad", True),
-    ("semantic + speculation", "semantic", True),
+MODES = (  # label, turn detection, speculation, input transcription
+    ("server VAD", "vad", False, False),
+    ("server VAD + speculation", "vad", True, False),
+    ("semantic + speculation", "semantic", True, False),
+    ("server VAD + transcript", "vad", False, True),
 )
 
 
@@ -41,13 +43,14 @@ def _f(value: float | None) -> str:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     utterances = tuple(utterance(text) for text in UTTERANCES)
     runs: dict[str, Any] = {}
-    for label, detection, speculative in MODES:
+    for label, detection, speculative, transcript in MODES:
         plan = LoadPlan(
             conversations=args.conversations,
             turns=args.turns,
             utterances=utterances,
             turn_detection=detection,
             speculative=speculative,
+            input_transcription=transcript,
             ramp_s=2.0,
         )
         server_args = scripted_args("tuned", args.step_ms, args.prefill_ms, max_sessions=args.conversations + 4)
@@ -60,10 +63,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
               f"{_f(s['commit_to_first_audio_ms']['p50'])} / {_f(s['commit_to_first_audio_ms']['p95'])} ms, "
               f"end of speech -> first audio {_f(s['first_audio_ms']['p50'])} / "
               f"{_f(s['first_audio_ms']['p95'])} ms (p50 / p95)", flush=True)  # fmt: skip
-    plain, spec, semantic = (runs[label] for label, _, _ in MODES)
+    plain, spec, semantic, transcribed = (runs[label] for label, *_ in MODES)
     gain = plain["first_audio_ms"]["p50"] - spec["first_audio_ms"]["p50"]
     print(f"\nspeculation saves {gain:.0f} ms at p50 (scripted backend at {args.step_ms:g} ms/step, "
           f"{args.conversations} conversations x {args.turns} turns)")
+    cost = transcribed["commit_to_first_audio_ms"]["p50"] - plain["commit_to_first_audio_ms"]["p50"]
+    print(f"a transcript of every turn changes commit -> first audio by {cost:+.0f} ms at p50")
     checks = {
         "speculation: commit -> first audio p50 <= 15 ms": spec["commit_to_first_audio_ms"]["p50"] <= 15,
         "semantic: end of speech -> first audio p50 <= 350 ms": semantic["first_audio_ms"]["p50"] <= 350,
