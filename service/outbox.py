@@ -1,8 +1,8 @@
 """The single ordered queue between a session's producers and its stream writer.
 
 Producers (the session, the text consumer, the audio consumer) put events; the
-one writer (the servicer) takes them in order, stamps `ts_ms` and `seq`, and
-writes them. Putting never blocks, so a client that reads slowly can never
+stream's one writer takes them in order, stamps `ts_ms` and `seq`, and writes
+them. Putting never blocks, so a client that reads slowly can never
 stall generation, and what waits for the writer is bounded whatever the client
 does. Overflow policy:
 - media, past `max_items` queued events: a TextDelta is merged into a TextDelta
@@ -25,8 +25,9 @@ does. Overflow policy:
 A `StreamEnd` is never refused by a cap. It is written after what is queued,
 or, put with `urgent=True`, instead of it: the queue is dropped and the end
 goes first. Once an end is queued nothing more is accepted (the writer stops at
-it); `ended` is set so the writer can stop waiting for a client that does not
-read.
+it). `ended` is set and `end` tells which end, also for the outbox's own
+overflow end: a writer stuck behind a client that does not read watches them to
+cut the call after a grace.
 """
 
 from __future__ import annotations
