@@ -49,8 +49,8 @@ Neither changes any other event.
 
 Semantic mode (`TurnMode.SEMANTIC`): Silero finds speech and silences exactly as in server VAD, but
 a pause ends the turn when an end-of-turn model says the user has finished, not after a fixed
-silence. The model is Smart Turn v3.2 (pipecat-ai's 8 MB Whisper-tiny encoder with a classifier
-head, int8 ONNX, BSD-2), bundled in the pipecat-ai 1.14 wheel and run by pipecat's own
+silence. The model is Smart Turn v3.2 (pipecat-ai's Whisper-tiny encoder with a classifier head,
+an 8 MB ONNX file, BSD-2), bundled in the pipecat-ai 1.14 wheel and run by pipecat's own
 `LocalSmartTurnAnalyzerV3`: its Whisper log-mel features and its inference on the last 8 s of the
 turn. After `semantic_silence_ms` (default 200) of silence it judges the turn so far, from the
 prefix padding up to now, trailing silence included, as pipecat's analyzer is fed. Probability
@@ -66,16 +66,19 @@ What the model does on espeak-ng speech (`python -m bench.turns`): statements, r
 questions mostly score 0.8-0.99 after 200 ms of silence and are committed then; turns ending in a
 filler ("so I was thinking, um", "..., uh") score under 0.02 and are held to `max_silence_ms`
 unless speech resumes. It does not understand grammar: "I need to go to the store and" scores 0.9+
-and is committed; "and then we went to the" climbs from 0.03 to 0.5-0.9 as the silence grows; a
-few complete sentences in some voices stay under 0.5 and wait for `max_silence_ms`.
+and is committed; "and then we went to the" climbs from 0.03 to 0.5-0.9 as the silence grows; 8
+of 40 complete sentences first score under 0.5 and are committed at the second or third judgement
+(450-700 ms of silence). Only English has been measured.
 
-Cost of semantic mode: one judgement takes 45-50 ms of one core on this 2-vCPU Xeon VM (features
-4 ms, ONNX 40 ms; Smart Turn's authors report ~10 ms on recent desktop CPUs), usually one per
-turn, at most 8 per pause; the features run in numpy and the model in onnxruntime, which release
-the GIL for most of it. The model is loaded once per process (0.3 s including the import, +60 MB
-RSS) when the first semantic tracker first sees audio, never downloaded; a stream holds no state
-for it beyond a few counters (a judgement allocates ~3 MB transiently). `TurnTracker.push` is
-meant to run in a worker thread in semantic mode, as in server VAD.
+Cost of semantic mode (`python -m bench.turns`, 2-vCPU Xeon VM): one judgement takes ~55 ms of
+CPU on one thread (Whisper features 4 ms in numpy, the rest the ONNX encoder), usually one per
+turn, at most 8 per pause; numpy and onnxruntime release the GIL for most of it. End of speech ->
+commit on complete sentences: 339 ms p50 with the judgement on a core of its own (272 ms of it is
+silence heard), against 559 ms for server VAD. The model is loaded once per process (0.2-0.5 s
+including the import, +51 MB RSS) when the first semantic tracker first sees audio, never
+downloaded; a stream holds no state for it beyond a few counters, and a judgement allocates ~7 MB
+while it runs. `TurnTracker.push` is meant to run in a worker thread in semantic mode, as in
+server VAD.
 
 Cost: an energy gate skips the model on windows below -60 dBFS (digital silence from a muted or
 idle client) once the model has seen a few of them, so that its recurrent state has settled on
