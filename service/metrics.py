@@ -18,7 +18,7 @@ the engine's `EngineStats` at scrape time by a collector; nothing polls.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 from wsgiref.simple_server import WSGIServer
 
@@ -219,13 +219,14 @@ class ServiceMetrics:
         self.input_transcriptions.inc()
 
     # -- responses ----------------------------------------------------------------------
-    def response_ended(self, status: int | str, summary: pb.ResponseMetrics | None = None) -> None:
-        """A response ended with `status`; `summary` (the response's metrics,
-        taken once its events were written) feeds the histograms. Zero fields
-        (nothing measured, e.g. no audio) are not observed."""
+    def response_ended(self, status: int | str) -> None:
+        """A response ended with `status` (counted whether or not its end reaches the client)."""
         self.responses.labels(response_status_label(status)).inc()
-        if summary is None:
-            return
+
+    def response_written(self, summary: pb.ResponseMetrics) -> None:
+        """Observe a response's figures; take `summary` once the response's
+        events were written (its first-audio time is the writer's). Zero fields
+        (nothing measured, e.g. no audio) are not observed."""
         if summary.speech_end_to_commit_ms > 0:
             self.speech_end_to_commit.observe(summary.speech_end_to_commit_ms / 1000)
         if summary.commit_to_first_audio_ms > 0:
@@ -240,6 +241,19 @@ class ServiceMetrics:
             self.text_coalesced.inc(summary.text_coalesced)
         if summary.audio_merged:
             self.audio_merged.inc(summary.audio_merged)
+
+    def when_written(
+        self, event: pb.ConverseResponse, summary: Callable[[], pb.ResponseMetrics]
+    ) -> Callable[[], pb.ConverseResponse]:
+        """`event` (a response's ResponseEnded) as an Outbox item that calls
+        `response_written(summary())` when the writer takes it: everything the
+        response put before it has been written by then."""
+
+        def written() -> pb.ConverseResponse:
+            self.response_written(summary())
+            return event
+
+        return written
 
     def event_written(self, event: pb.ConverseResponse) -> None:
         """The writer sent `event`: observe its server-added latency when it
