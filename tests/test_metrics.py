@@ -93,7 +93,7 @@ def test_two_servers_in_one_process_count_separately() -> None:
     assert value(local(second), "voicechat_turns_committed_total", reason="text_input") == 0
 
 
-def test_response_summary_feeds_the_histograms_in_seconds() -> None:
+def test_a_written_response_feeds_the_histograms_in_seconds() -> None:
     metrics = ServiceMetrics()
     summary = pb.ResponseMetrics(
         speech_end_to_commit_ms=520,
@@ -104,8 +104,13 @@ def test_response_summary_feeds_the_histograms_in_seconds() -> None:
         text_coalesced=2,
         audio_merged=3,
     )
-    metrics.response_ended(pb.RESPONSE_STATUS_COMPLETED, summary)
-    metrics.response_ended(pb.RESPONSE_STATUS_CANCELLED, pb.ResponseMetrics())  # nothing measured
+    ended = pb.ConverseResponse(response_ended=pb.ResponseEnded(response_id="resp_1"))
+    item = metrics.when_written(ended, lambda: summary)
+    metrics.response_ended(pb.RESPONSE_STATUS_COMPLETED)
+    assert value(local(metrics), "voicechat_prefill_seconds_count") == 0, "observed only when written"
+    assert item() is ended
+    metrics.response_ended(pb.RESPONSE_STATUS_CANCELLED)
+    metrics.response_written(pb.ResponseMetrics())  # nothing measured: no observations
     metrics.response_ended("failed")
     samples = local(metrics)
     assert value(samples, "voicechat_responses_total", status="completed") == 1
