@@ -28,6 +28,7 @@ from grpc_reflection.v1alpha._async import ReflectionServicer
 from service.backends import Backend, create_backend, create_engine
 from service.config import Settings
 from service.errors import StartupError, Undecodable
+from service.metrics import MetricsHTTPServer, ServiceMetrics, start_metrics_server, stop_metrics_server
 from service.servicer import Admission, VoiceChatServicer
 from service.session import Runtime
 from voicechat.v1 import voicechat_pb2 as pb
@@ -272,6 +273,9 @@ class VoiceChatServer:
         self._server: grpc.aio.Server | None = None
         self._servicer: VoiceChatServicer | None = None
         self._runtime: Runtime | None = None
+        self.metrics = ServiceMetrics()  # always counted; served over HTTP when settings.metrics_port is set
+        self.metrics_port = 0
+        self._metrics_http: MetricsHTTPServer | None = None
         self._loading: asyncio.Future[None] | None = None
 
     @property
@@ -280,6 +284,7 @@ class VoiceChatServer:
         return self._servicer
 
     async def _set_health(self, status: int) -> None:
+        self.metrics.set_health(status == health_pb2.HealthCheckResponse.SERVING)
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
 
@@ -297,6 +302,7 @@ class VoiceChatServer:
             backend,
             decode_pool=ThreadPoolExecutor(max(4, settings.max_sessions // 2), thread_name_prefix="decode"),
             turn_pool=ThreadPoolExecutor(2, thread_name_prefix="turns"),
+            metrics=self.metrics,
         )
         self._runtime = runtime
         admission = Admission(settings.max_sessions)
@@ -309,6 +315,9 @@ class VoiceChatServer:
         self.port = await _listen(server, settings)
         self._server = server
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if settings.metrics_port:
+            registry = self.metrics.registry
+            self._metrics_http, self.metrics_port = start_metrics_server(settings.metrics_port, settings.host, registry)
         await server.start()
         log.info("listening on %s:%d (backend %s)", settings.host, self.port, backend.name)
         started = time.monotonic()
@@ -319,6 +328,7 @@ class VoiceChatServer:
         engine = create_engine(backend, settings)
         engine.start()
         runtime.loaded_engine = engine
+        self.metrics.watch_engine(engine)
         admission.ready = True
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("model %s ready in %.1f s (%s engine): SERVING", backend.model_id, time.monotonic() - started,
@@ -345,6 +355,9 @@ class VoiceChatServer:
         await self._server.stop(min(_LAME_DUCK_S, grace))
         self._server = None
         await self._close_model(grace)
+        if self._metrics_http is not None:
+            await asyncio.to_thread(stop_metrics_server, self._metrics_http)
+            self._metrics_http = None
         log.info("server stopped")
 
     @staticmethod

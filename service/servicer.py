@@ -97,12 +97,15 @@ class VoiceChatServicer(pb_grpc.VoiceChatServiceServicer):
         started = time.monotonic()
         session: ChatSession | None = None
         outcome = "client went away"
+        code: grpc.StatusCode | None = grpc.StatusCode.CANCELLED
         try:
             session = await self._open(request_iterator, context)
             self.sessions.add(session)
+            self.runtime.metrics.session_started()
             log.info("%s started peer=%s label=%r", session.id, context.peer(), session.options.client_label,
                      extra=session.log_extra)  # fmt: skip
             end = await session.run(request_iterator, context.write)
+            code = end.code
             if end is CLIENT_GONE:
                 return
             outcome = "ok" if end.code is None else f"{end.code.name}: {end.details}"
@@ -116,6 +119,7 @@ class VoiceChatServicer(pb_grpc.VoiceChatServiceServicer):
             self._leave()
             if session is not None:
                 self.sessions.discard(session)
+                self.runtime.metrics.session_ended(code)
                 log.info("%s ended after %.1f s, %d responses: %s", session.id, time.monotonic() - started,
                          session.response_count, outcome, extra=session.log_extra)  # fmt: skip
 

@@ -60,6 +60,7 @@ from service.errors import (
     Undecodable,
     status_of,
 )
+from service.metrics import ServiceMetrics
 from service.oneshot import transcribe
 from service.options import SessionOptions, apply_update, limits_to_proto, options_to_proto
 from service.outbox import Outbox, StreamEnd
@@ -107,6 +108,7 @@ class Runtime:
     decode_pool: Executor  # audio decoding
     turn_pool: Executor  # voice activity and end-of-turn detection
     loaded_engine: Engine | None = None
+    metrics: ServiceMetrics = field(default_factory=ServiceMetrics)
 
     @property
     def engine(self) -> Engine:
@@ -257,6 +259,7 @@ class ChatSession:
             item = await self.outbox.get()
             if isinstance(item, StreamEnd):
                 raise _Ended
+            self.runtime.metrics.event_written(item)
             try:
                 await write(item)
             except Exception as exc:  # noqa: BLE001 - any transport failure means the peer is gone
@@ -282,6 +285,7 @@ class ChatSession:
         await self._end_of_input()
 
     def _error(self, exc: ServiceError) -> None:
+        self.runtime.metrics.error(exc.code_name)
         self.outbox.put(pb.ConverseResponse(error=pb.Error(code=exc.code_name, message=exc.message, field=exc.field)))
 
     async def _handle(self, request: pb.ConverseRequest) -> None:
@@ -396,6 +400,7 @@ class ChatSession:
             end_of_turn_probability=getattr(ready, "end_of_turn_probability", 0.0),
         )
         self._speech_end_ts = 0.0
+        self.runtime.metrics.turn_committed(reason)
         self._put(
             turn_committed=pb.TurnCommitted(
                 turn_id=turn_id,
@@ -616,7 +621,8 @@ class ChatSession:
         if result.status == pb.RESPONSE_STATUS_FAILED:
             log.warning("%s %s failed: %s", self.id, response_id, result.reason,
                         extra={**self.log_extra, "response_id": response_id})  # fmt: skip
-        self._put(
+        self.runtime.metrics.response_ended(result.status)
+        ended = pb.ConverseResponse(
             response_ended=pb.ResponseEnded(
                 response_id=response_id,
                 status=result.status,  # type: ignore[arg-type]
@@ -628,6 +634,7 @@ class ChatSession:
                 heard_text=(turn if heard is None else turn.truncated(heard)).text,
             )
         )
+        self.outbox.put(self.runtime.metrics.when_written(ended, lambda: run.metrics(user)))
         if self.options.trace:
             starts, discards = self.speculative_starts, self.speculative_discards
 
@@ -645,6 +652,7 @@ class ChatSession:
         except ServiceError as exc:
             self._error(exc)
             return
+        self.runtime.metrics.input_transcription()
         self._put(input_transcription=pb.InputTranscription(turn_id=turn_id, text=text))
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
