@@ -29,6 +29,7 @@ import re  # noqa: E402
 import shlex  # noqa: E402
 import socket  # noqa: E402
 import tomllib  # noqa: E402
+import urllib.request  # noqa: E402
 from collections.abc import AsyncIterator, Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -390,6 +391,19 @@ async def test_enter_hook_serves_the_container_settings(container: Any) -> None:
     assert settings.auth_token == TOKEN
     target = f"127.0.0.1:{container.port}"
     assert await asyncio.to_thread(modal_app.check_health, target, tls=False) == "SERVING"
+
+
+async def test_enter_hook_serves_metrics_on_the_metrics_port(container: Any) -> None:
+    server = container.server
+    assert server.metrics_port == server.settings.metrics_port > 0
+
+    def scrape() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as reply:
+            return reply.read().decode()
+
+    text = await asyncio.to_thread(scrape)
+    assert "voicechat_health_serving 1.0" in text
+    assert "voicechat_sessions_live 0.0" in text
 
 
 async def test_enter_hook_answers_a_text_turn(container: Any) -> None:

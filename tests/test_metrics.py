@@ -5,6 +5,7 @@ spoken and a typed turn."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import urllib.error
 import urllib.request
@@ -25,6 +26,8 @@ from service.metrics import (
     status_code_label,
     stop_metrics_server,
 )
+from tests.conftest import StartServer
+from tests.helpers import audio, commit, kinds, manual_config, requests, text, tone
 from voicechat.v1 import voicechat_pb2 as pb
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -224,5 +227,72 @@ async def test_metrics_server_on_port_zero_serves_and_stops() -> None:
         assert value(samples, "voicechat_sessions_live") == 1
     finally:
         await asyncio.to_thread(stop_metrics_server, httpd)
+    with pytest.raises(urllib.error.URLError):
+        await asyncio.to_thread(scrape_text, port)
+
+
+# -- a real server, scraped over HTTP ------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def test_a_spoken_and_a_typed_turn_move_the_series(start_server: StartServer) -> None:
+    port = free_port()
+    running = await start_server(metrics_port=port)
+    assert running.server.metrics_port == port
+    before = await scrape(port)
+    assert value(before, "voicechat_health_serving") == 1
+    assert value(before, "voicechat_sessions_live") == 0
+
+    call = running.stub.Converse(
+        requests(
+            [
+                manual_config(trace=True, input_transcription=True),
+                audio(tone(1.0)),
+                commit(),  # a spoken turn, committed by the client
+                pb.ConverseRequest(),  # empty: an in-stream INVALID_ARGUMENT error
+                text("and a typed one #frames=4"),
+            ],
+            hold=0,  # then half-close: both turns are answered, then the stream ends OK
+        )
+    )
+    events = [event async for event in call]
+    assert await call.code() == grpc.StatusCode.OK
+    ended = [e.response_ended for e in events if e.HasField("response_ended")]
+    assert [e.status for e in ended] == [pb.RESPONSE_STATUS_COMPLETED] * 2
+    media = sum(e.WhichOneof("event") in ("text_delta", "audio_chunk") for e in events)
+
+    after = await scrape(port)
+    assert value(after, "voicechat_sessions_started_total") == 1
+    assert value(after, "voicechat_sessions_live") == 0
+    assert value(after, "voicechat_sessions_ended_total", code="OK") == 1
+    assert value(after, "voicechat_turns_committed_total", reason="client_commit") == 1
+    assert value(after, "voicechat_turns_committed_total", reason="text_input") == 1
+    assert value(after, "voicechat_turns_committed_total", reason="server_vad") == 0
+    assert value(after, "voicechat_responses_total", status="completed") == 2
+    assert value(after, "voicechat_responses_total", status="failed") == 0
+    assert value(after, "voicechat_errors_total", code="INVALID_ARGUMENT") == 1
+    assert value(after, "voicechat_input_transcriptions_total") == 1 == kinds(events).count("input_transcription")
+    for name in ("commit_to_first_audio_seconds", "prefill_seconds", "generation_rtf"):
+        assert value(after, f"voicechat_{name}_count") == 2, name
+    # every text delta and audio chunk of this traced stream was timed once, as it was written
+    assert value(after, "voicechat_server_latency_seconds_count") == media > 0
+    assert value(after, "voicechat_engine_steps_total") > 0
+    assert value(after, "voicechat_engine_waiting_turns") == 0
+    assert value(after, "voicechat_engine_running") == 0
+    assert value(after, "voicechat_health_serving") == 1
+
+
+async def test_metrics_port_off_serves_nothing_and_stop_closes_the_endpoint(start_server: StartServer) -> None:
+    off = await start_server()
+    assert off.server.metrics_port == 0
+    port = free_port()
+    on = await start_server(metrics_port=port)
+    await scrape(port)
+    await on.server.stop(0)
     with pytest.raises(urllib.error.URLError):
         await asyncio.to_thread(scrape_text, port)
