@@ -2,7 +2,8 @@
 
 A test module uses them with `pytest_plugins = ["tests.lfm2_fixtures"]`.
 Everything is offline: the checkpoints come from scripts/make_tiny_model.py
-and load through the same code as the real weights.
+and load through the same code as the real weights. The backends run in fp32
+(not the CPU default) because tests compare outputs exactly.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_backend(tiny_dir: Path) -> Iterator[LFM2Backend]:
-    backend = LFM2Backend(model=str(tiny_dir), revision=None, device="cpu")
+    backend = LFM2Backend(model=str(tiny_dir), revision=None, device="cpu", dtype="fp32")
     backend.load()
     yield backend
     backend.close()
@@ -33,7 +34,7 @@ def tiny_backend(tiny_dir: Path) -> Iterator[LFM2Backend]:
 @pytest.fixture(scope="session")
 def uncached_backend(tiny_dir: Path) -> Iterator[LFM2Backend]:
     """The same weights, re-prefilling the whole conversation every turn."""
-    backend = LFM2Backend(model=str(tiny_dir), device="cpu", prefix_cache=False)
+    backend = LFM2Backend(model=str(tiny_dir), device="cpu", dtype="fp32", prefix_cache=False)
     backend.load()
     yield backend
     backend.close()
@@ -47,7 +48,7 @@ def tiny_mimi_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def mimi_backend(tiny_mimi_dir: Path) -> Iterator[LFM2Backend]:
-    backend = LFM2Backend(model=str(tiny_mimi_dir), device="cpu")
+    backend = LFM2Backend(model=str(tiny_mimi_dir), device="cpu", dtype="fp32")
     backend.load()
     yield backend
     backend.close()

@@ -1,50 +1,53 @@
 """The real model: LFM2-Audio and LFM2.5-Audio on the `liquid-audio` package.
 
-What this module adds on top of the package:
+The backend is split by concern: `lfm2_load` finds, checks and loads the
+checkpoint; `lfm2_cache` keeps each conversation's model cache across turns
+and the batched decode state; `lfm2_engine` is the batched engine; and
+`lfm2_decode` holds the streaming audio decoders. This module has the
+conversation, the serial step loop and the backend. What it adds on top of
+the package:
 
-* Loading that never downloads and never fakes. A Hugging Face id resolves
-  from the local cache only, at a pinned revision; a folder is passed to the
-  package as a `Path` (a `str` would be sent to the Hub as a repo id). A
-  missing or incomplete checkpoint raises `BackendLoadError` naming
-  `make download`. The package loads weights non-strictly, so the weight file
-  is checked against the model's parameters first.
 * A conversation that follows the package's `ChatState` chat template
   (system, user and assistant turns) and appends every response back with its
   end markers (<|text_end|>, the end-of-audio frame) and modality flags, cut
   to what the listener heard when a response was truncated.
 * Its own step loop, equal step for step to the package's
   `generate_interleaved` / `generate_sequential` (it calls the package's
-  samplers), so that it can (a) hold the model lock for one step at a time:
-  concurrent conversations interleave fairly instead of one holding the model
-  for a whole response; (b) check the stop event between steps; (c) tell
-  "max_new_tokens reached" from a real end; and (d) keep the model's cache
-  (attention KV and short-conv state) across turns. The package re-prefills
+  samplers; the step rules live in `ResponseSteps`, which the batched engine
+  shares), so that it can (a) check the stop event between steps; (b) tell
+  "max_new_tokens reached" from a real end; (c) keep the model's cache
+  (attention KV and short-conv state) across turns: the package re-prefills
   the whole conversation every turn; here a turn prefills only the positions
-  the cache does not hold yet, so turn N costs about what turn 1 did.
-* Streaming audio decoders with per-response state (`lfm2_decode`): Mimi in streaming mode
-  (LFM2-Audio) and a windowed stream of the whole-sequence LFM2.5 detokenizer
-  that matches a one-shot decode (see `DetokenizerDecoder`). The package's
-  detokenizer loader hard-codes `.cuda()`; it is built here on any device.
+  the cache does not hold yet, so turn N costs about what turn 1 did; and
+  (d) on the serial engine, hold the model lock for one step at a time, so
+  concurrent conversations interleave fairly instead of one holding the
+  model for a whole response.
+* Two engines (`service.backends.engine`): `batched_engine()` returns the
+  `BatchedLFM2Engine`, which advances every generating conversation in one
+  forward pass; the serial engine (`ThreadedEngine` over `generate`) is kept
+  as the baseline.
+* Streaming audio decoders with per-response state (`lfm2_decode`): Mimi in
+  streaming mode (LFM2-Audio) and a windowed stream of the whole-sequence
+  LFM2.5 detokenizer that matches a one-shot decode (see
+  `DetokenizerDecoder`). The package's detokenizer loader hard-codes
+  `.cuda()`; it is built here on any device.
 """
 
 from __future__ import annotations
 
 import inspect
-import json
 import logging
-import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from liquid_audio import ChatState, LFM2AudioDetokenizer, LFM2AudioModel, LFM2AudioProcessor, LFMModality
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 from service.backends.base import (
     END_OF_AUDIO_CODE,
@@ -63,6 +66,7 @@ from service.backends.base import (
     TextToken,
     is_end_of_audio,
 )
+from service.backends.lfm2_cache import Position, PrefixCache
 from service.backends.lfm2_decode import (
     DetokenizerDecoder,
     MimiDecoder,
@@ -71,22 +75,29 @@ from service.backends.lfm2_decode import (
     load_detokenizer,
 )
 
+# Names other modules import from here (loading moved to lfm2_load).
+from service.backends.lfm2_load import (  # noqa: F401
+    DEFAULT_MODEL,
+    DETOKENIZER_DIR,
+    DOWNLOAD_HINT,
+    LFM2_MODEL,
+    MIMI_FILE,
+    PINNED_REVISION,
+    PINNED_REVISIONS,
+    check_checkpoint,
+    check_weights,
+    configure_torch,
+    pinned_revision,
+    resolve_checkpoint,
+    resolve_device,
+    resolve_dtype,
+    weights_file,
+)
+
+if TYPE_CHECKING:
+    from service.backends.lfm2_engine import BatchedLFM2Engine
+
 log = logging.getLogger(__name__)
-
-DEFAULT_MODEL = "LiquidAI/LFM2.5-Audio-1.5B"
-LFM2_MODEL = "LiquidAI/LFM2-Audio-1.5B"
-# Commits on the Hugging Face Hub: the revisions that several independent
-# public projects pin and load (cache snapshot paths, `hf models info` pins,
-# links to config.json at the commit). Move both only with a test download.
-PINNED_REVISIONS: dict[str, str] = {
-    DEFAULT_MODEL: "c362a0625dfe45aa588dce5f0ada28a7e5707628",
-    LFM2_MODEL: "c798aad30dc3cd72e72970beab51326b8443bd94",
-}
-PINNED_REVISION = PINNED_REVISIONS[DEFAULT_MODEL]
-DOWNLOAD_HINT = "run `make download` (scripts/download_model.py) to fetch it"
-
-MIMI_FILE = "tokenizer-e351c8d8-checkpoint125.safetensors"
-DETOKENIZER_DIR = "audio_detokenizer"
 
 # Token ids the model code hard-codes.
 IM_END = 7
@@ -98,131 +109,6 @@ AUDIO_VOCAB = END_OF_AUDIO_CODE + 1
 CHAT_PROMPT = "Respond with interleaved text and audio."
 ASR_PROMPT = "Perform ASR."
 TTS_PROMPT = "Perform TTS. Use the US female voice."
-
-# -- torch set-up -------------------------------------------------------------
-
-
-def configure_torch(device: torch.device) -> None:
-    """Process-wide torch settings for serving, all in one place.
-
-    TF32 matmuls on CUDA (the backbone runs in bf16 anyway; this covers the
-    fp32 codec and detokenizer). CPU math is left exact. Autograd is switched
-    off per call with `inference()` because grad mode is thread-local and the
-    model runs in worker threads."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-
-def resolve_device(device: str) -> torch.device:
-    """`auto` picks CUDA when present, else CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise BackendLoadError(f"device {device!r} requested but no CUDA device is available")
-    return resolved
-
-
-def resolve_dtype(device: torch.device, dtype: str | None) -> torch.dtype:
-    """bf16 on GPU, fp32 on CPU (CPU bf16 kernels are slower and less exact)."""
-    if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    try:
-        return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-                "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}[dtype]  # fmt: skip
-    except KeyError:
-        raise BackendLoadError(f"unknown dtype {dtype!r}: choose bf16, fp16 or fp32") from None
-
-
-# -- checkpoint resolution ----------------------------------------------------
-
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def pinned_revision(model: str) -> str:
-    """The revision to fetch or load for a Hugging Face id."""
-    return PINNED_REVISIONS.get(model, "main")
-
-
-def resolve_checkpoint(model: str, revision: str | None) -> tuple[Path, str]:
-    """The checkpoint folder for a local path or a Hugging Face id, and a label.
-
-    Hugging Face ids are looked up in the local cache only: serving never
-    downloads (a download belongs to `make download`)."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        if revision:
-            log.warning("revision %s ignored: %s is a local folder", revision, model)
-        return path.resolve(), str(path)
-    if not _REPO_ID.match(model):
-        raise BackendLoadError(f"checkpoint folder {model!r} does not exist; {DOWNLOAD_HINT} or pass a folder")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.constants import HF_HUB_CACHE
-
-    rev = revision or pinned_revision(model)
-    try:
-        folder = snapshot_download(model, revision=rev, local_files_only=True)
-    except Exception as exc:  # noqa: BLE001 - every way of "not in the cache" means the same to the operator
-        raise BackendLoadError(
-            f"model {model} at revision {rev} is not in the local Hugging Face cache ({HF_HUB_CACHE}); {DOWNLOAD_HINT}"
-        ) from exc
-    return Path(folder), f"{model}@{rev[:12]}"
-
-
-def _weights_file(folder: Path) -> Path | None:
-    for name in ("model.safetensors", "model.safetensors.index.json"):
-        if (folder / name).is_file():
-            return folder / name
-    return None
-
-
-def check_checkpoint(folder: Path, label: str, decoder: str) -> str:
-    """Raise unless every file the model needs is there; return the decoder to
-    use ("detokenizer" or "mimi")."""
-    missing = [name for name in ("config.json", "tokenizer.json") if not (folder / name).is_file()]
-    if _weights_file(folder) is None:
-        missing.append("model.safetensors")
-    has_detok = all((folder / DETOKENIZER_DIR / n).is_file() for n in ("config.json", "model.safetensors"))
-    has_mimi = (folder / MIMI_FILE).is_file()
-    if decoder == "auto":
-        decoder = "detokenizer" if has_detok else "mimi"
-    if decoder == "detokenizer" and not has_detok:
-        missing.append(f"{DETOKENIZER_DIR}/config.json and {DETOKENIZER_DIR}/model.safetensors")
-    elif decoder == "mimi" and not has_mimi:
-        missing.append(MIMI_FILE)
-    elif decoder not in ("detokenizer", "mimi"):
-        raise BackendLoadError(f"unknown audio decoder {decoder!r}: choose auto, detokenizer or mimi")
-    if missing:
-        raise BackendLoadError(
-            f"checkpoint {label} ({folder}) is incomplete: missing {', '.join(missing)}; {DOWNLOAD_HINT}"
-        )
-    return decoder
-
-
-def _stored_keys(weights: Path) -> set[str]:
-    from safetensors import safe_open
-
-    if weights.name.endswith(".index.json"):
-        return set(json.loads(weights.read_text())["weight_map"])
-    with safe_open(str(weights), framework="pt") as f:
-        return set(f.keys())
-
-
-def check_weights(model: torch.nn.Module, weights: Path, label: str) -> None:
-    """The package loads non-strictly (missing tensors keep their random
-    init), so a truncated or foreign weight file would serve noise: refuse it.
-    Tied parameters count as present when any of their names is stored."""
-    stored = _stored_keys(weights)
-    groups: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        groups.setdefault(id(param), []).append(name)
-    missing = [names[0] for names in groups.values() if not any(n in stored for n in names)]
-    missing += [n for n, _ in model.named_buffers() if n.endswith(("running_mean", "running_var")) and n not in stored]
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise BackendLoadError(f"checkpoint {label}: {weights.name} lacks {shown}; {DOWNLOAD_HINT}")
-
 
 # -- sampling -----------------------------------------------------------------
 
@@ -267,74 +153,93 @@ class FairLock:
             self._cond.notify_all()
 
 
-# -- the conversation's model cache ---------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _Position:
-    """One generated position the cache holds: a text id or a frame's codes."""
-
-    flag: int
-    value: int | tuple[int, ...]
-
-
-class PrefixCache:
-    """A conversation's model cache for a prefix of its history.
-
-    After each prefill the cache holds exactly the history so far (`length`
-    positions) and its short-conv states are snapshotted. Generation then
-    extends it by the steps it feeds back (`tail`). At the next turn the tail
-    is kept when the history continues with those very steps (an untruncated
-    response); otherwise the cache is rolled back to `length`: attention KV
-    is cropped and the conv states restored (conv state cannot be cropped)."""
-
-    def __init__(self) -> None:
-        self.cache: DynamicCache | None = None
-        self.length = 0
-        self.tail: list[_Position] = []
-        self._conv: list[tuple[Any, dict[int, torch.Tensor]]] = []
-
-    @property
-    def total(self) -> int:
-        return self.length + len(self.tail)
-
-    def reset(self) -> None:
-        self.cache, self.length, self.tail, self._conv = None, 0, [], []
-
-    def mark(self, cache: DynamicCache, length: int) -> None:
-        """`cache` now holds exactly the first `length` history positions."""
-        self.cache, self.length, self.tail = cache, length, []
-        self._conv = [
-            (layer, {i: s.clone() for i, s in layer.conv_states.items() if s is not None})
-            for layer in cache.layers
-            if hasattr(layer, "conv_states")
-        ]
-
-    def rollback(self) -> None:
-        """Forget the tail; drop the cache when its layout is not understood."""
-        cache = self.cache
-        if cache is None or not self.tail:
-            self.tail = []
-            return
-        for layer in cache.layers:
-            if isinstance(layer, DynamicLayer):
-                extra = layer.get_seq_length() - self.length
-                if extra > 0:
-                    layer.crop(-extra)
-        for layer, states in self._conv:
-            for i, state in states.items():
-                layer.conv_states[i].copy_(state)
-        self.tail = []
-        if cache.get_seq_length() != self.length:
-            log.warning("model cache layout not understood; falling back to full prefill")
-            self.reset()
-
-
-# -- conversation ---------------------------------------------------------------
+# -- the step rules -------------------------------------------------------------
 
 _TEXT = int(LFMModality.TEXT)
 _AUDIO_IN = int(LFMModality.AUDIO_IN)
 _AUDIO_OUT = int(LFMModality.AUDIO_OUT)
+
+
+class ResponseSteps:
+    """The step rules of one response, as the package's `generate_interleaved`
+    (chat) and `generate_sequential` (transcribe, synthesize) apply them; the
+    serial loop and the batched engine both follow them, so their ends agree.
+
+    Per step: `begin()`, sample from the head `modality` names, then `text()`
+    or `frame()` with the sample. Chat alternates `n_text` text tokens and
+    `n_audio` frames until <|text_end|>, after which audio runs until the
+    end-of-audio frame; <|im_end|> ends the turn unyielded (and, when
+    transcribing, <|audio_start|> too). Sequential modes switch to audio at
+    <|audio_start|> and back to text at the end-of-audio frame. `pending` is
+    the last yielded step: the model is fed it before the next one."""
+
+    __slots__ = ("_interleaved", "_n_audio", "_n_text", "_text_done", "_transcribe", "left", "modality",
+                 "pending", "steps_left")  # fmt: skip
+
+    def __init__(self, mode: GenerateMode, n_text: int, n_audio: int, max_new_tokens: int) -> None:
+        self._interleaved = mode is GenerateMode.CHAT
+        self._transcribe = mode is GenerateMode.TRANSCRIBE
+        self._n_text, self._n_audio = n_text, n_audio
+        self._text_done = False
+        self.modality = _TEXT
+        self.left = n_text  # steps left in the current run of one modality (chat)
+        self.steps_left = max_new_tokens
+        self.pending: Position | None = None
+
+    @property
+    def wants_text(self) -> bool:
+        """The next step samples the text head (else the audio head)."""
+        return self.modality == _TEXT
+
+    def begin(self) -> None:
+        self.steps_left -= 1
+        self.left -= 1
+
+    def text(self, token_id: int) -> bool:
+        """Record a sampled text token; True when it ends the turn (it is then not yielded)."""
+        if token_id == IM_END or (self._transcribe and token_id == AUDIO_START):
+            return True
+        self.pending = Position(_TEXT, token_id)
+        if self._interleaved:
+            self._text_done = self._text_done or token_id == TEXT_END
+            if not self.left or self._text_done:
+                self.modality, self.left = _AUDIO_OUT, self._n_audio
+        elif token_id == AUDIO_START:
+            self.modality = _AUDIO_OUT
+        return False
+
+    def frame(self, codes: tuple[int, ...]) -> None:
+        """Record a sampled audio frame (an end-of-audio frame is all END_OF_AUDIO_CODE)."""
+        if self._interleaved and not self.left and not self._text_done:
+            self.modality, self.left = _TEXT, self._n_text
+        if codes[0] == END_OF_AUDIO_CODE:
+            self.modality = _TEXT
+        self.pending = Position(_AUDIO_OUT, codes)
+
+
+def end_of_audio_filled(frames: torch.Tensor) -> torch.Tensor:
+    """Frames (..., 8) with every frame whose codebook 0 is the end-of-audio
+    code made all end-of-audio, as the package does."""
+    ended = frames[..., :1] == END_OF_AUDIO_CODE
+    return torch.where(ended, torch.full_like(frames, END_OF_AUDIO_CODE), frames)
+
+
+@dataclass
+class PrefillPlan:
+    """What a turn's prefill runs: the history inputs from `start` on, into
+    `cache` (the conversation's own, or a fresh one when `start` is 0)."""
+
+    cache: DynamicCache
+    inputs: dict[str, torch.Tensor]
+    start: int
+    length: int  # history positions once the prefill ran
+
+    @property
+    def positions(self) -> int:
+        return self.length - self.start
+
+
+# -- conversation ---------------------------------------------------------------
 
 
 class LFM2Conversation(Conversation):
@@ -425,71 +330,66 @@ class LFM2Conversation(Conversation):
         self._open = None
 
     # -- generation ---------------------------------------------------------------
-    def _generate(self, sampling: Sampling, stop: threading.Event) -> Iterator[Step]:
-        # The template changes now, not at the first step, so the history is
-        # consistent even if the caller never iterates.
+    def begin_response(self) -> None:
+        """Close the user turn and open the assistant's, as `generate` does
+        before its first step (the batched engine calls this directly)."""
+        self._flush_pending()
         with inference(), self._backend.tokenizer_lock:
             if self._open == "assistant":
                 self._append_assistant(AssistantTurn())
             self._open_turn("assistant")
+
+    def response_steps(self, sampling: Sampling) -> ResponseSteps:
+        conf = self._backend.model.conf
+        return ResponseSteps(self.mode, conf.interleaved_n_text, conf.interleaved_n_audio, sampling.max_new_tokens)
+
+    def _generate(self, sampling: Sampling, stop: threading.Event) -> Iterator[Step]:
+        # The template changes now, not at the first step, so the history is
+        # consistent even if the caller never iterates.
+        self.begin_response()
         return self._steps(sampling, stop)
 
     def _steps(self, sampling: Sampling, stop: threading.Event) -> Iterator[Step]:
         backend = self._backend
         model = backend.model
-        interleaved = self.mode is GenerateMode.CHAT
         text_t, text_k = sampler_args(sampling.text_temperature, sampling.text_top_k, backend.text_vocab)
         audio_t, audio_k = sampler_args(sampling.audio_temperature, sampling.audio_top_k, AUDIO_VOCAB)
-        n_text, n_audio = model.conf.interleaved_n_text, model.conf.interleaved_n_audio
-        modality, left, text_done = _TEXT, n_text, False
+        turn = self.response_steps(sampling)
         reason = EndReason.MAX_TOKENS
         cache: DynamicCache | None = None
-        pending: _Position | None = None  # the last step, fed to the model next
-        next_emb: torch.Tensor | None = None
+        next_emb: torch.Tensor | None = None  # the embedding of turn.pending
         try:
-            for _ in range(sampling.max_new_tokens):
+            while turn.steps_left > 0:
                 if stop.is_set():
                     reason = EndReason.STOPPED
                     break
-                left -= 1
+                turn.begin()
                 with backend.step_lock, inference():
                     if cache is None:
                         cache, hidden = self._prefill()
                     else:
-                        assert next_emb is not None and pending is not None
+                        assert next_emb is not None and turn.pending is not None
                         hidden = backend.forward(next_emb, cache)
-                    if self.cache is not None and pending is not None:
-                        self.cache.tail.append(pending)
-                    if modality == _TEXT:
+                    if self.cache is not None and turn.pending is not None:
+                        self.cache.tail.append(turn.pending)
+                    if turn.modality == _TEXT:
                         logits = torch.nn.functional.linear(hidden, model.lfm.embed_tokens.weight)
                         token = model._sample_text_token(logits, temperature=text_t, top_k=text_k)
                         token_id = int(token)
                         next_emb = model.lfm.embed_tokens(token)[None, :]
                     else:
                         frame = model._sample_audio_frame(hidden, temperature=audio_t, top_k=audio_k)
-                        if int(frame[0]) == END_OF_AUDIO_CODE:
-                            frame = torch.full_like(frame, END_OF_AUDIO_CODE)
+                        frame = end_of_audio_filled(frame)
                         codes = frame.cpu().numpy()
                         next_emb = model.audio_embedding(frame + model.codebook_offsets).sum(0)[None, None, :]
-                if modality == _TEXT:
+                if turn.modality == _TEXT:
                     # <|im_end|> ends the turn; the history gets it from end_turn().
-                    if token_id == IM_END or (self.mode is GenerateMode.TRANSCRIBE and token_id == AUDIO_START):
+                    if turn.text(token_id):
                         reason = EndReason.END_OF_TURN
                         break
-                    pending = _Position(_TEXT, token_id)
                     yield TextToken(token_id)
-                    if interleaved:
-                        text_done = text_done or token_id == TEXT_END
-                        if not left or text_done:
-                            modality, left = _AUDIO_OUT, n_audio
-                    elif token_id == AUDIO_START:
-                        modality = _AUDIO_OUT
                 else:
-                    if interleaved and not left and not text_done:
-                        modality, left = _TEXT, n_text
-                    if int(codes[0]) == END_OF_AUDIO_CODE:
-                        modality = _TEXT
-                    pending = _Position(_AUDIO_OUT, tuple(int(c) for c in codes))
+                    turn.frame(tuple(int(c) for c in codes))
                     yield AudioFrame(codes.astype(np.int64))
         except Exception:
             if self.cache is not None:
@@ -498,10 +398,17 @@ class LFM2Conversation(Conversation):
         yield Finished(reason)
 
     def _prefill(self) -> tuple[DynamicCache, torch.Tensor]:
-        """Run the history positions the cache lacks; return the cache and the
-        last position's hidden state. Called under the step lock."""
-        backend = self._backend
+        """Run the history positions the cache lacks in one pass; return the
+        cache and the last position's hidden state. Called under the step lock."""
         started = time.perf_counter()
+        plan = self.plan_prefill()
+        hidden = self._backend.forward(self._backend.model._prefill(**plan.inputs), plan.cache)
+        self.prefill_done(plan, started)
+        return plan.cache, hidden
+
+    def plan_prefill(self) -> PrefillPlan:
+        """What this turn's prefill must run (resets or rolls back the
+        conversation's cache as needed; runs no model)."""
         length = int(self.chat.modality_flag.shape[1])
         start = self._reusable_prefix(length)
         inputs = self._history_from(start)
@@ -509,20 +416,22 @@ class LFM2Conversation(Conversation):
             start, inputs = 0, self._history_from(0)
             assert inputs is not None
         if start == 0:
-            cache = DynamicCache(config=backend.model.lfm.config)
+            cache = DynamicCache(config=self._backend.model.lfm.config)
             if self.cache is not None:
                 self.cache.reset()
         else:
             assert self.cache is not None and self.cache.cache is not None
             cache = self.cache.cache
-        hidden = backend.forward(backend.model._prefill(**inputs), cache)
+        return PrefillPlan(cache, inputs, start, length)
+
+    def prefill_done(self, plan: PrefillPlan, started: float) -> None:
+        """`plan.cache` now holds the whole history (`started`: perf_counter at the start)."""
         if self.cache is not None:
-            self.cache.mark(cache, length)
-        self.last_prefill_positions = length - start
+            self.cache.mark(plan.cache, plan.length)
+        self.last_prefill_positions = plan.positions
         self.last_prefill_ms = (time.perf_counter() - started) * 1000
-        log.debug("prefill of %d new positions (history %d) in %.1f ms", length - start, length,
+        log.debug("prefill of %d new positions (history %d) in %.1f ms", plan.positions, plan.length,
                   self.last_prefill_ms)  # fmt: skip
-        return cache, hidden
 
     def _reusable_prefix(self, length: int) -> int:
         """How many leading history positions the cache can stand for."""
@@ -627,6 +536,7 @@ class LFM2Backend(Backend):
         self._detok_context = 0
         self._mimi_pool: MimiPool | None = None
         self._cache_kwarg = "past_key_values"
+        self.warmed = False  # warmup() ran: engines warm their own paths too
 
     # -- loading ------------------------------------------------------------------
     @property
@@ -667,7 +577,7 @@ class LFM2Backend(Backend):
         decoder = check_checkpoint(folder, label, self._decoder_arg)
         try:
             model = LFM2AudioModel.from_pretrained(folder, dtype=dtype, device=device).eval()
-            weights = _weights_file(folder)
+            weights = weights_file(folder)
             assert weights is not None
             check_weights(model, weights, label)
             processor = LFM2AudioProcessor.from_pretrained(folder, device=device).eval()
@@ -709,6 +619,17 @@ class LFM2Backend(Backend):
         out = self.model.lfm(inputs_embeds=embeddings, use_cache=True, **{self._cache_kwarg: cache})
         return out.last_hidden_state[0, -1]
 
+    def forward_rows(self, embeddings: torch.Tensor, cache: Any, positions: torch.Tensor,
+                     mask: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """One decode step for a batch of rows: `embeddings` (rows, 1, dim),
+        each row at its own `positions` (rows, 1), attending where `mask`
+        (rows, 1, 1, keys) is True, through a batched `cache` (`SlotCache`'s
+        step view). Returns the rows' hidden states (rows, dim)."""
+        masks = {"full_attention": mask, "conv": None}  # conv layers see no padding: one real position per row
+        out = self.model.lfm(inputs_embeds=embeddings, attention_mask=masks, position_ids=positions,
+                             use_cache=True, **{self._cache_kwarg: cache})  # fmt: skip
+        return out.last_hidden_state[:, -1]
+
     def warmup(self) -> None:
         started = time.perf_counter()
         conversation = self.new_conversation(self.default_system_prompt())
@@ -725,6 +646,7 @@ class LFM2Backend(Backend):
             decoder.flush()
         finally:
             decoder.close()
+        self.warmed = True
         log.info("warm-up done in %.2f s", time.perf_counter() - started)
 
     # -- factories ----------------------------------------------------------------
@@ -754,6 +676,11 @@ class LFM2Backend(Backend):
         if self._mimi_pool is not None:
             return MimiDecoder(self._mimi_pool, self.device)
         raise RuntimeError("LFM2Backend.load() has not run")
+
+    def batched_engine(self, max_batch: int, prefill_chunk: int) -> BatchedLFM2Engine:
+        from service.backends.lfm2_engine import BatchedLFM2Engine
+
+        return BatchedLFM2Engine(self, max_batch=max_batch, prefill_chunk=prefill_chunk)
 
     def detokenize(self, token_ids: Sequence[int]) -> str:
         with self.tokenizer_lock:
