@@ -28,6 +28,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from service.backends.engine import EngineStats
+from service.errors import StartupError
 from voicechat.v1 import voicechat_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -283,8 +284,11 @@ def start_metrics_server(
     """Serve `registry` at http://host:port/metrics from a daemon thread.
 
     Port 0 picks a free port; returns the HTTP server and the bound port.
-    Raises OSError when the port is taken."""
-    httpd, _thread = start_http_server(port, addr=host, registry=registry or CollectorRegistry())
+    StartupError when it cannot listen there (port taken, bad address)."""
+    try:
+        httpd, _thread = start_http_server(port, addr=host, registry=registry or CollectorRegistry())
+    except (OSError, OverflowError) as exc:
+        raise StartupError(f"cannot serve metrics on {host}:{port}: {getattr(exc, 'strerror', None) or exc}") from exc
     bound = int(httpd.server_port)
     log.info("metrics on http://%s:%d/metrics", host, bound)
     return httpd, bound

@@ -18,6 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from service.backends.base import AudioFrame, EndReason, TextToken
 from service.backends.engine import GenerationRequest, ThreadedEngine, UserTurn
 from service.backends.scripted import ScriptedBackend
+from service.config import Settings
+from service.errors import StartupError
 from service.metrics import (
     ServiceMetrics,
     commit_reason_label,
@@ -26,6 +28,7 @@ from service.metrics import (
     status_code_label,
     stop_metrics_server,
 )
+from service.server import VoiceChatServer
 from tests.conftest import StartServer
 from tests.helpers import audio, commit, kinds, manual_config, requests, text, tone
 from voicechat.v1 import voicechat_pb2 as pb
@@ -296,3 +299,16 @@ async def test_metrics_port_off_serves_nothing_and_stop_closes_the_endpoint(star
     await on.server.stop(0)
     with pytest.raises(urllib.error.URLError):
         await asyncio.to_thread(scrape_text, port)
+
+
+async def test_a_taken_metrics_port_is_a_startup_error() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = VoiceChatServer(Settings(backend="scripted", port=0, metrics_port=port))
+        try:
+            with pytest.raises(StartupError, match=f"cannot serve metrics on 127.0.0.1:{port}"):
+                await server.start()
+        finally:
+            await server.stop(0)  # what `python -m service` does before exiting with status 2
