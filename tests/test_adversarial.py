@@ -208,12 +208,15 @@ async def test_a_client_that_takes_turns_and_never_reads_is_ended(start_server: 
 async def test_a_client_that_never_reads_loses_its_slot_at_the_limit(
     start_server: StartServer, limits: dict[str, int], code: grpc.StatusCode
 ) -> None:
-    running = await start_server(max_pending_audio_ms=2000, **limits)
-    admission = running.server.servicer.admission
+    running = await start_server(**limits)
+    servicer = running.server.servicer
+    admission = servicer.admission
     channel = _slow_channel(running.target)
-    # a reply far longer than the client's window: the writer cannot finish it
-    call = pb_grpc.VoiceChatServiceStub(channel).Converse(requests([config(), text("#frames=1000 never read")]))
-    await _until(lambda: admission.active == 1, 5)
+    # a reply of 3.2 s (150 KB of audio) that is generated at once, far more than
+    # the client's window: the writer is stuck in a write when the limit comes
+    call = pb_grpc.VoiceChatServiceStub(channel).Converse(requests([config(), text("#frames=40 never read")]))
+    await _until(lambda: any(s.response_count == 1 and s.current is None for s in servicer.sessions), 5)
+    assert admission.active == 1 and all(len(s.outbox) > 20 for s in servicer.sessions)
     # the limit is 1-2 s away; the slot must come back within a few seconds after it
     await _until(lambda: admission.active == 0, 12)
     with pytest.raises(grpc.aio.AioRpcError) as info:
