@@ -11,6 +11,7 @@ client that goes away cancels this very task.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -35,6 +36,7 @@ from voicechat.v1 import voicechat_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 _CONFIG_TIMEOUT_S = 10.0  # the first request (config) must arrive within this time
+_ABORT_WAIT_S = 1.0  # longest wait to send an error status to a client that does not read
 
 
 class Admission:
@@ -110,7 +112,10 @@ class VoiceChatServicer(pb_grpc.VoiceChatServiceServicer):
                 return
             outcome = "ok" if end.code is None else f"{end.code.name}: {end.details}"
             if end.code is not None:
-                await context.abort(end.code, end.details)
+                # behind a write the client never reads, the status cannot leave either:
+                # give up after a moment so the slot is freed (the transport cancels the call)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(context.abort(end.code, end.details), _ABORT_WAIT_S)
         except _NoSession as exc:
             outcome = exc.outcome
             if exc.error is not None:

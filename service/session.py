@@ -217,7 +217,7 @@ class ChatSession:
         finally:
             self._group = None
             self._shutdown()
-        return self._end or StreamEnd(None)
+        return self._end or self.outbox.end or StreamEnd(None)
 
     def _shutdown(self) -> None:
         """Synchronous cleanup: nothing here can be skipped by a second cancel."""
@@ -258,6 +258,7 @@ class ChatSession:
         while True:
             item = await self.outbox.get()
             if isinstance(item, StreamEnd):
+                self._end = self._end or item  # the outbox may have ended the stream itself
                 raise _Ended
             self.runtime.metrics.event_written(item)
             try:
@@ -677,6 +678,11 @@ class ChatSession:
         while True:
             await asyncio.sleep(_WATCHDOG_TICK_S)
             now = time.monotonic()
+            if self._end is None and self.outbox.end is not None:
+                # the outbox ended the stream itself (too many events wait for a client that does not read)
+                self._end, self._end_deadline = self.outbox.end, now + _END_GRACE_S
+                if self.current is not None:
+                    self.current.stop(pb.RESPONSE_STATUS_CANCELLED, self._end.details)
             if self._end is not None:
                 if now >= self._end_deadline:
                     raise _Ended  # the client does not read its end: cut the call
