@@ -94,9 +94,14 @@ SERVER_ENV: dict[str, str] = {
 # (torch, torchaudio, liquid-audio). `pip_install_from_pyproject` opens the file
 # only then, not at import, which keeps this module importable in containers.
 PYPROJECT_EXTRAS = ["model"]
+# Installed without their dependencies, as `make venv` does (the Makefile's pin
+# must match; a test checks): pipecat-ai carries Smart Turn for semantic turn
+# detection, and its own pins conflict with the service's.
+NO_DEPS_PACKAGES = ["pipecat-ai==1.14.0"]
 image = (
     modal.Image.debian_slim(python_version=PYTHON_VERSION)
     .pip_install_from_pyproject(str(PYPROJECT), optional_dependencies=PYPROJECT_EXTRAS)
+    .pip_install(*NO_DEPS_PACKAGES, extra_options="--no-deps")
     .env({"HF_HOME": HF_HOME, "PYTHONUNBUFFERED": "1"})
     .add_local_python_source(*LOCAL_PACKAGES)  # last: mounted at start, no rebuild on edits
 )

@@ -212,8 +212,14 @@ def test_image_python_and_pins_match_pyproject() -> None:
     assert layers[0][0].startswith(f"FROM python:{modal_app.PYTHON_VERSION}")
     assert modal_app.PYTHON_VERSION in SpecifierSet(PYPROJECT["project"]["requires-python"])
     installs = [c for layer in layers for c in layer if "pip install" in c and layer[0] == "FROM base"]
-    assert len(installs) == 1, installs
+    assert len(installs) == 2, installs
     installed = shlex.split(installs[0].split("pip install", 1)[1])
+    # the second layer: the packages installed without their dependencies, as `make venv` does
+    no_deps = shlex.split(installs[1].split("pip install", 1)[1])
+    assert "--no-deps" in no_deps and [a for a in no_deps if not a.startswith("-")] == modal_app.NO_DEPS_PACKAGES
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    for pin in modal_app.NO_DEPS_PACKAGES:
+        assert f"pip install -q --no-deps {pin}" in makefile
     assert sorted(installed) == sorted(RUNTIME_DEPENDENCIES)
     assert modal_app.PYPROJECT_EXTRAS == ["model"]
     for name in PINNED:
