@@ -3,6 +3,7 @@
     python -m bench.gpu                                  # full size on CUDA: 1, 4, 8, 16 conversations
     python -m bench.gpu --tiny --device cpu --concurrency 1   # the same path on the tiny model, anywhere
     python -m bench.gpu --model models/my-checkpoint --json gpu.json
+    python -m bench.gpu --engine-bench --engine serial   # also the engine bench; the server on the serial engine
 
 Random weights have the published shapes, so every step costs what a real
 step costs; only the words are nonsense (and a response never ends by itself,
@@ -55,7 +56,8 @@ def ensure_model(size: str, model: Path | None) -> Path:
         started = time.monotonic()
         subprocess.run(
             [sys.executable, str(REPO / "scripts" / "make_tiny_model.py"), str(folder), "--size", size],
-            check=True, cwd=REPO,
+            check=True,
+            cwd=REPO,
         )
         print(f"built in {time.monotonic() - started:.0f} s", flush=True)
     return folder
@@ -66,23 +68,68 @@ def model_steps(model: Path, args: argparse.Namespace) -> dict[str, Any]:
     first in its own process so that it has the device to itself."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "steps.json"
-        cmd = [sys.executable, "-m", "bench.lfm2_steps", "--model", str(model), "--device", args.device,
-               "--json", str(out)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "bench.lfm2_steps",
+            "--model",
+            str(model),
+            "--device",
+            args.device,
+            "--json",
+            str(out),
+        ]
         subprocess.run([*cmd, *(["--quick"] if args.tiny else [])], check=True, cwd=REPO)
         figures: dict[str, Any] = json.loads(out.read_text())
         return figures
 
 
-def server_args(model: Path, device: str, max_sessions: int, max_new_tokens: int) -> list[str]:
+def engine_bench(model: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Batched against serial engine without the server (`bench.engine`), in
+    its own process so that it has the device to itself."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "engine.json"
+        levels = ",".join(str(n) for n in args.concurrency)
+        cmd = [
+            sys.executable,
+            "-m",
+            "bench.engine",
+            "--model",
+            str(model),
+            "--device",
+            args.device,
+            "--concurrency",
+            levels,
+            "--json",
+            str(out),
+        ]
+        subprocess.run([*cmd, *(["--steps", "12"] if args.tiny else ["--steps", "48"])], check=True, cwd=REPO)
+        figures: dict[str, Any] = json.loads(out.read_text())
+        return figures
+
+
+def server_args(model: Path, device: str, max_sessions: int, max_new_tokens: int, engine: str = "batched") -> list[str]:
     return [
-        "--backend", "lfm2",
-        "--model", str(model),
-        "--device", device,
-        "--max-sessions", str(max_sessions),
-        "--max-new-tokens", str(max(max_new_tokens, 1)),
-        "--idle-timeout-seconds", "0",
-        "--drain-seconds", "5",
-        "--log-level", "WARNING",
+        "--backend",
+        "lfm2",
+        "--model",
+        str(model),
+        "--device",
+        device,
+        "--engine",
+        engine,
+        "--max-batch",
+        str(max(max_sessions, 1)),
+        "--max-sessions",
+        str(max_sessions),
+        "--max-new-tokens",
+        str(max(max_new_tokens, 1)),
+        "--idle-timeout-seconds",
+        "0",
+        "--drain-seconds",
+        "5",
+        "--log-level",
+        "WARNING",
     ]
 
 
@@ -132,14 +179,20 @@ def table(levels: Sequence[dict[str, Any]]) -> str:
         ("prefill, 3 s utterance (ms) p50", lambda x: _f(x["prefill_ms"]["p50"])),
         ("model steps/s per stream p50", lambda x: _f(x["steps_per_s_per_stream"]["p50"])),
         ("model steps/s all streams", lambda x: _f(x["steps_per_s_total"])),
-        ("decode per audio batch (ms) p50 / p99",
-         lambda x: f"{_f(x['decode_batch_ms']['p50'])} / {_f(x['decode_batch_ms']['p99'])}"),
+        (
+            "decode per audio batch (ms) p50 / p99",
+            lambda x: f"{_f(x['decode_batch_ms']['p50'])} / {_f(x['decode_batch_ms']['p99'])}",
+        ),
         ("decode per frame (ms) p50", lambda x: _f(x["decode_ms_per_frame"]["p50"], 2)),
-        ("end of turn -> first audio (ms) p50 / p99",
-         lambda x: f"{_f(x['first_audio_ms']['p50'])} / {_f(x['first_audio_ms']['p99'])}"),
+        (
+            "end of turn -> first audio (ms) p50 / p99",
+            lambda x: f"{_f(x['first_audio_ms']['p50'])} / {_f(x['first_audio_ms']['p99'])}",
+        ),
         ("server overhead per event (ms) p99", lambda x: _f(x["server_overhead_ms"]["p99"])),
-        ("generation RTF p50 / p5",
-         lambda x: f"{_f(x['generation_rtf']['p50'], 2)} / {_f(x['generation_rtf']['p5'], 2)}"),
+        (
+            "generation RTF p50 / p5",
+            lambda x: f"{_f(x['generation_rtf']['p50'], 2)} / {_f(x['generation_rtf']['p5'], 2)}",
+        ),
         ("delivery RTF p50 / min", lambda x: f"{_f(x['client_rtf']['p50'], 2)} / {_f(x['client_rtf']['min'], 2)}"),
         ("underruns (turns affected)", lambda x: f"{x['underruns']} ({x['turns_with_underrun']}/{x['turns_ok']})"),
         ("errors", lambda x: str(x["errors"])),
@@ -158,10 +211,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     speech = padded(utterance(PROMPT_TEXT), 16_000, UTTERANCE_MS)
     levels: list[dict[str, Any]] = []
     steps = model_steps(model, args) if args.model_steps else None
-    print(f"model {model} ({size}, random weights) on {args.device}; {args.turns} turns per conversation, "
-          f"{args.max_new_tokens} steps per reply", flush=True)
-    server = ServerProcess(server_args(model, args.device, max(args.concurrency) + 4, args.max_new_tokens),
-                           startup_timeout_s=args.startup_timeout_s)
+    engines = engine_bench(model, args) if args.engine_bench else None
+    print(
+        f"model {model} ({size}, random weights) on {args.device}; {args.turns} turns per conversation, "
+        f"{args.max_new_tokens} steps per reply",
+        flush=True,
+    )
+    server = ServerProcess(
+        server_args(model, args.device, max(args.concurrency) + 4, args.max_new_tokens, args.engine),
+        startup_timeout_s=args.startup_timeout_s,
+    )
     started = time.monotonic()
     async with server:
         print(f"server ready in {time.monotonic() - started:.0f} s (load and warm-up)", flush=True)
@@ -175,36 +234,69 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 max_new_tokens=args.max_new_tokens,
                 turn_timeout_s=args.turn_timeout_s,
             )
-            result = await run_load(server, plan, f"lfm2/{concurrency}", {"backend": "lfm2", "model": str(model),
-                                                                          "device": args.device, "size": size})
+            result = await run_load(
+                server,
+                plan,
+                f"lfm2/{concurrency}",
+                {"backend": "lfm2", "model": str(model), "device": args.device, "size": size},
+            )
             level = level_summary(result, concurrency)
             levels.append(level)
-            print(f"{concurrency:>3} conversations: first audio p50 {_f(level['first_audio_ms']['p50'])} ms, "
-                  f"generation RTF p50 {_f(level['generation_rtf']['p50'], 2)}, underruns {level['underruns']}, "
-                  f"errors {level['errors']}", flush=True)
+            print(
+                f"{concurrency:>3} conversations: first audio p50 {_f(level['first_audio_ms']['p50'])} ms, "
+                f"generation RTF p50 {_f(level['generation_rtf']['p50'], 2)}, underruns {level['underruns']}, "
+                f"errors {level['errors']}",
+                flush=True,
+            )
             for sample in level["error_samples"][:2]:
                 print(f"    {sample}")
     print()
     print(table(levels))
-    return {"mode": "gpu", "model": str(model), "size": size, "device": args.device,
-            "max_new_tokens": args.max_new_tokens, "levels": levels, "model_steps": steps}
+    return {
+        "mode": "gpu",
+        "model": str(model),
+        "size": size,
+        "device": args.device,
+        "max_new_tokens": args.max_new_tokens,
+        "engine": args.engine,
+        "levels": levels,
+        "model_steps": steps,
+        "engine_bench": engines,
+    }
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.gpu", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", type=Path, help="checkpoint folder (default: build random weights once)")
     parser.add_argument("--tiny", action="store_true", help="tiny random model instead of the full size")
     parser.add_argument("--device", default="cuda", help="torch device for the server: cuda, cpu or auto")
-    parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 8, 16],
-                        help="comma-separated concurrent conversation counts")
+    parser.add_argument(
+        "--concurrency",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[1, 4, 8, 16],
+        help="comma-separated concurrent conversation counts",
+    )
     parser.add_argument("--turns", type=int, default=2, help="turns per conversation")
     parser.add_argument("--max-new-tokens", type=int, help="model steps per reply (default 192 full, 48 tiny)")
     parser.add_argument("--ramp-s", type=float, default=1.0, help="spread conversation starts over this window")
     parser.add_argument("--startup-timeout-s", type=float, default=1200.0, help="model load and warm-up limit")
     parser.add_argument("--turn-timeout-s", type=float, default=300.0, help="longest wait for one reply")
-    parser.add_argument("--model-steps", action="store_true",
-                        help="first measure per-step costs without the server (bench.lfm2_steps)")
+    parser.add_argument(
+        "--model-steps", action="store_true", help="first measure per-step costs without the server (bench.lfm2_steps)"
+    )
+    parser.add_argument(
+        "--engine",
+        choices=["batched", "serial"],
+        default="batched",
+        help="the server's engine (serial: the old per-response stepping, for comparisons)",
+    )
+    parser.add_argument(
+        "--engine-bench",
+        action="store_true",
+        help="first run bench.engine on the device (batched vs serial engine, no server)",
+    )
     parser.add_argument("--json", type=Path, help="write all figures to this file")
     args = parser.parse_args(argv)
     if args.max_new_tokens is None:

@@ -536,7 +536,6 @@ class LFM2Backend(Backend):
         self._detok_context = 0
         self._mimi_pool: MimiPool | None = None
         self._cache_kwarg = "past_key_values"
-        self.warmed = False  # warmup() ran: engines warm their own paths too
 
     # -- loading ------------------------------------------------------------------
     @property
@@ -631,6 +630,9 @@ class LFM2Backend(Backend):
         return out.last_hidden_state[:, -1]
 
     def warmup(self) -> None:
+        """A short generation and decode on the serial path, then on the
+        batched path (a spare batched engine), so that neither engine's first
+        request pays lazy initialisation."""
         started = time.perf_counter()
         conversation = self.new_conversation(self.default_system_prompt())
         conversation.add_user_text("Hello!")
@@ -646,7 +648,9 @@ class LFM2Backend(Backend):
             decoder.flush()
         finally:
             decoder.close()
-        self.warmed = True
+        batched = self.batched_engine(max_batch=2, prefill_chunk=256)
+        batched.warm_up()
+        batched.close(0)
         log.info("warm-up done in %.2f s", time.perf_counter() - started)
 
     # -- factories ----------------------------------------------------------------

@@ -264,6 +264,8 @@ class BatchedLFM2Engine(Engine):
     def start(self) -> None:
         with self._cond:
             if self._thread is None and not self._closed:
+                with inference():
+                    self._slots.reserve(min(self.max_batch, 8), 512)  # no allocation on the first requests
                 self._thread = threading.Thread(target=self._run, name="lfm2-engine", daemon=True)
                 self._thread.start()
 
@@ -325,10 +327,6 @@ class BatchedLFM2Engine(Engine):
     # -- the engine thread ----------------------------------------------------------
     def _run(self) -> None:
         with inference():  # the engine thread only runs the model (grad mode is per thread)
-            try:
-                self._warm_up()
-            except Exception:  # noqa: BLE001 - warming is an optimisation; serving goes on without it
-                log.exception("batched engine warm-up failed")
             while self._loop_once():
                 pass
 
@@ -730,29 +728,28 @@ class BatchedLFM2Engine(Engine):
         self.stats.running = 0
 
     # -- warm-up --------------------------------------------------------------------
-    def _warm_up(self) -> None:
-        """Run the batched path once (two rows, through both heads) before
-        serving, so the first real request pays no lazy initialisation.
-        Only when the backend was warmed too (the server's `warmup` setting)."""
-        if not self._lfm2.warmed:
-            return
+    def warm_up(self) -> None:
+        """Run the batched path once in the calling thread (two rows, through
+        both heads), so a server's first real request pays no lazy
+        initialisation; `LFM2Backend.warmup` calls it on a spare engine.
+        Only before `start()`."""
+        with self._cond:
+            if self._thread is not None:
+                raise RuntimeError("warm_up() runs before start()")
         started = time.perf_counter()
-        self._slots.reserve(min(self.max_batch, 4), 512)
         conf = self._lfm2.model.conf
         sampling = Sampling(max_new_tokens=conf.interleaved_n_text + 2)
         sinks: list[_Collect] = []
-        for text in ("Hello!", "Hello there, how are you?"):
-            ref = ConversationRef(self._lfm2.default_system_prompt(), GenerateMode.CHAT)
-            ref.state = self._lfm2.new_conversation(ref.system_prompt, ref.mode)
-            sink = _Collect()
-            sinks.append(sink)
-            handle = RequestHandle(GenerationRequest(ref, UserTurn(text=text), sampling))
-            with self._cond:
-                self.stats.waiting += 1
-            self._waiting.append((_Lane(ref, busy=True), _Request(handle, sink)))
-        while not all(sink.done for sink in sinks):
-            self._iterate()
-        steps = self.stats.steps
-        self.stats.steps = self.stats.rows = 0
-        self.stats.wait_ms.clear()
-        log.info("batched engine warmed up in %.2f s (%d steps)", time.perf_counter() - started, steps)
+        with inference():
+            for text in ("Hello!", "Hello there, how are you?"):
+                ref = ConversationRef(self._lfm2.default_system_prompt(), GenerateMode.CHAT)
+                ref.state = self._lfm2.new_conversation(ref.system_prompt, ref.mode)
+                sink = _Collect()
+                sinks.append(sink)
+                handle = RequestHandle(GenerationRequest(ref, UserTurn(text=text), sampling))
+                with self._cond:
+                    self.stats.waiting += 1
+                self._waiting.append((_Lane(ref, busy=True), _Request(handle, sink)))
+            while not all(sink.done for sink in sinks):
+                self._iterate()
+        log.info("batched path warmed up in %.2f s (%d steps)", time.perf_counter() - started, self.stats.steps)
