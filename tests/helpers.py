@@ -104,3 +104,15 @@ def metric_blocks(text: str) -> dict[str, dict[str, float]]:
         else:
             current = None
     return blocks
+
+
+def open_stream(stub, first: pb.ConverseRequest):
+    """A Converse call fed from a queue: put requests, put None to half-close."""
+    queue: asyncio.Queue[pb.ConverseRequest | None] = asyncio.Queue()
+
+    async def reqs():
+        while (item := await queue.get()) is not None:
+            yield item
+
+    queue.put_nowait(first)
+    return stub.Converse(reqs()), queue

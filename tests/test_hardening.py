@@ -16,19 +16,8 @@ import pytest
 from service.backends.scripted import ScriptedBackend, ScriptedDecoder
 from service.session import ChatSession
 from tests.conftest import StartServer
-from tests.helpers import collect_until, commit, config, kinds, manual_config, requests, text, tone
+from tests.helpers import collect_until, commit, config, kinds, manual_config, open_stream, requests, text, tone
 from voicechat.v1 import voicechat_pb2 as pb
-
-
-def _queue_stream(stub, first: pb.ConverseRequest):
-    queue: asyncio.Queue[pb.ConverseRequest | None] = asyncio.Queue()
-
-    async def reqs():
-        while (item := await queue.get()) is not None:
-            yield item
-
-    queue.put_nowait(first)
-    return stub.Converse(reqs()), queue
 
 
 async def _wait_for(predicate, within: float = 5.0) -> None:
@@ -106,7 +95,7 @@ async def test_a_stream_waiting_for_its_config_is_ended_by_drain(start_server: S
 
 async def test_truncate_is_acknowledged_with_what_stays_in_the_history(start_server: StartServer) -> None:
     running = await start_server(scripted_step_ms=5)
-    call, queue = _queue_stream(running.stub, manual_config())
+    call, queue = open_stream(running.stub, manual_config())
     await queue.put(text("#frames=60 tell me something"))
     first = await collect_until(call)
     ended = first[-1].response_ended
@@ -128,7 +117,7 @@ async def test_truncate_is_acknowledged_with_what_stays_in_the_history(start_ser
 
 async def test_an_interrupted_response_reports_the_text_it_keeps(start_server: StartServer) -> None:
     running = await start_server(scripted_step_ms=10)
-    call, queue = _queue_stream(running.stub, manual_config())
+    call, queue = open_stream(running.stub, manual_config())
     await queue.put(text("#frames=300 a long story about the sea and the wind"))
     await collect_until(call, stop_kind="audio_chunk")
     await queue.put(pb.ConverseRequest(cancel_response=pb.CancelResponse()))
@@ -178,7 +167,7 @@ async def test_a_decoder_is_closed_only_after_its_last_decode(start_server: Star
 async def test_spoken_turns_get_a_transcript_that_stays_out_of_the_history(start_server: StartServer) -> None:
     running = await start_server()
     tr = pb.TurnDetection(mode=pb.TURN_DETECTION_MODE_MANUAL)
-    call, queue = _queue_stream(running.stub, config(turn_detection=tr, input_transcription=True))
+    call, queue = open_stream(running.stub, config(turn_detection=tr, input_transcription=True))
     await queue.put(pb.ConverseRequest(audio=pb.InputAudio(pcm16=tone(0.5))))
     await queue.put(commit())
     await queue.put(text("and a typed one"))

@@ -9,23 +9,12 @@ import asyncio
 import pytest
 
 from tests.conftest import StartServer
-from tests.helpers import collect_until, config, kinds
+from tests.helpers import collect_until, config, kinds, open_stream
 from tests.speech import paced_chunks, silence, speech
 from voicechat.v1 import voicechat_pb2 as pb
 
 RATE = 16_000
 SPEED = 2.0  # twice real time: the server's timeline is the audio's, not the wall clock's
-
-
-def _open(stub, first: pb.ConverseRequest):
-    queue: asyncio.Queue[pb.ConverseRequest | None] = asyncio.Queue()
-
-    async def reqs():
-        while (item := await queue.get()) is not None:
-            yield item
-
-    queue.put_nowait(first)
-    return stub.Converse(reqs()), queue
 
 
 async def _feed(queue: asyncio.Queue, pcm16: bytes) -> None:
@@ -38,7 +27,7 @@ def _config(speculative: bool) -> pb.ConverseRequest:
 
 
 async def _one_turn(running, utterance, speculative: bool) -> list[pb.ConverseResponse]:
-    call, queue = _open(running.stub, _config(speculative))
+    call, queue = open_stream(running.stub, _config(speculative))
     feeder = asyncio.create_task(_feed(queue, utterance.pcm16))
     events = await collect_until(call, within=30)
     events += await collect_until(call, stop_kind="metrics", within=10)
@@ -100,7 +89,7 @@ async def test_a_discarded_speculation_leaves_no_trace(start_server: StartServer
 
 async def test_cancel_and_truncate_with_speculation_on(start_server: StartServer) -> None:
     running = await start_server(scripted_step_ms=10)
-    call, queue = _open(running.stub, _config(True))
+    call, queue = open_stream(running.stub, _config(True))
     utterance = speech("Tell me a long story", RATE, before_ms=300, after_ms=900)
     feeder = asyncio.create_task(_feed(queue, utterance.pcm16))
     await collect_until(call, stop_kind="audio_chunk", within=30)

@@ -11,7 +11,7 @@ import pytest
 from service.backends.base import AssistantTurn
 from service.backends.scripted import ScriptedBackend
 from tests.conftest import StartServer
-from tests.helpers import collect_until, commit, config, kinds, manual_config, response_text, text
+from tests.helpers import collect_until, commit, config, kinds, manual_config, open_stream, response_text, text
 from tests.speech import noise, paced_chunks, silence, speech
 from voicechat.v1 import voicechat_pb2 as pb
 
@@ -23,24 +23,13 @@ async def _stream(queue: asyncio.Queue, pcm16: bytes, rate: int, speed: float = 
         await queue.put(pb.ConverseRequest(audio=pb.InputAudio(pcm16=piece)))
 
 
-def _open(stub, first: pb.ConverseRequest):
-    queue: asyncio.Queue[pb.ConverseRequest | None] = asyncio.Queue()
-
-    async def reqs():
-        while (item := await queue.get()) is not None:
-            yield item
-
-    queue.put_nowait(first)
-    return stub.Converse(reqs()), queue
-
-
 @pytest.mark.parametrize("rate", [16_000, 24_000, 48_000])
 async def test_server_vad_commits_once_per_utterance_and_not_on_noise(start_server: StartServer, rate: int) -> None:
     running = await start_server()
     first = speech("What is the weather like today", rate, before_ms=400, after_ms=900)
     click = noise(120, rate, level_dbfs=-12, seed=3) + silence(900, rate)
     second = speech("Tell me a joke please", rate, before_ms=300, after_ms=900)
-    call, queue = _open(running.stub, config(input_sample_rate_hz=rate, trace=True))
+    call, queue = open_stream(running.stub, config(input_sample_rate_hz=rate, trace=True))
     feeder = asyncio.create_task(_stream(queue, (first + click + second).pcm16, rate))
     events = await collect_until(call, count=2, within=60)
     summary = (await collect_until(call, stop_kind="metrics", within=10))[-1].metrics.response
@@ -68,7 +57,7 @@ async def test_server_vad_commits_once_per_utterance_and_not_on_noise(start_serv
 async def test_manual_mode_never_commits_by_itself(start_server: StartServer) -> None:
     running = await start_server()
     utterance = speech("Push to talk means I decide", 16_000, before_ms=200, after_ms=1500)
-    call, queue = _open(running.stub, manual_config())
+    call, queue = open_stream(running.stub, manual_config())
     await _stream(queue, utterance.pcm16, 16_000, speed=4.0)
     await asyncio.sleep(0.5)
     await queue.put(commit())
@@ -83,7 +72,7 @@ async def test_manual_mode_never_commits_by_itself(start_server: StartServer) ->
 
 async def test_barge_in_interrupts_a_long_response(start_server: StartServer) -> None:
     running = await start_server(scripted_step_ms=10)
-    call, queue = _open(running.stub, config())
+    call, queue = open_stream(running.stub, config())
     await queue.put(text("#frames=600 tell me a very long story"))
     await collect_until(call, stop_kind="audio_chunk")
     interruption = speech("Stop, wait a moment", 16_000, before_ms=100, after_ms=800)
@@ -115,7 +104,7 @@ async def test_barge_in_interrupts_a_long_response(start_server: StartServer) ->
 async def test_interruption_can_be_disabled(start_server: StartServer) -> None:
     running = await start_server(scripted_step_ms=5)
     cfg = config(turn_detection=pb.TurnDetection(interrupt_response=False))
-    call, queue = _open(running.stub, cfg)
+    call, queue = open_stream(running.stub, cfg)
     await queue.put(text("#frames=200 keep talking"))
     await collect_until(call, stop_kind="audio_chunk")
     feeder = asyncio.create_task(_stream(queue, speech("Hello there", 16_000, after_ms=800).pcm16, 16_000, speed=1.0))
@@ -142,7 +131,7 @@ class _Recording(ScriptedBackend):
 async def test_truncate_keeps_only_what_was_heard(start_server: StartServer) -> None:
     backend = _Recording()
     running = await start_server(backend=backend)
-    call, queue = _open(running.stub, config())
+    call, queue = open_stream(running.stub, config())
     await queue.put(text("#frames=50 first answer"))
     first = await collect_until(call)
     response_id = first[-1].response_ended.response_id
@@ -160,7 +149,7 @@ async def test_turn_longer_than_the_limit_is_committed_at_the_limit(start_server
     from tests.helpers import audio, tone
 
     running = await start_server(max_turn_ms=1000)
-    call, queue = _open(running.stub, manual_config())
+    call, queue = open_stream(running.stub, manual_config())
     for _ in range(5):
         await queue.put(audio(tone(0.5)))
     events = await collect_until(call, within=20)
