@@ -365,6 +365,37 @@ def test_prefix_cache_matches_full_prefill_and_the_package(
                                   lengths[3] - lengths[2] - fed]  # fmt: skip
 
 
+def test_restore_undoes_a_speculative_turn_and_keeps_the_cache(tiny_backend: LFM2Backend) -> None:
+    """A speculative response generated after `snapshot()` and undone with
+    `restore()` leaves no trace: the committed turn's reply equals that of a
+    conversation that never speculated, and its prefill reuses the cache of
+    the history before the speculation (only the new positions run)."""
+
+    def opened() -> LFM2Conversation:
+        conversation = tiny_backend.new_conversation("")
+        conversation.add_user_text("Hello there")
+        run_turn(conversation)
+        return conversation
+
+    reference = opened()
+    reference.add_user_audio(noise(1.0, seed=5), 16_000)
+    expected = run_turn(reference)
+
+    conversation = opened()
+    snapshot = conversation.snapshot()
+    conversation.add_user_audio(noise(0.6, seed=5), 16_000)  # the turn so far
+    assert len(list(conversation.generate(GREEDY, threading.Event()))) == GREEDY.max_new_tokens + 1
+    conversation.restore(snapshot)
+    conversation.add_user_audio(noise(1.0, seed=5), 16_000)  # the committed turn
+    got = run_turn(conversation)
+    assert values(got) == values(expected)
+    assert (
+        conversation.last_prefill_positions == reference.last_prefill_positions < reference.chat.modality_flag.shape[1]
+    )
+    for name in ("text", "audio_in", "audio_in_lens", "audio_out", "modality_flag"):
+        assert torch.equal(conversation.chat[name], reference.chat[name]), name
+
+
 # -- concurrency ------------------------------------------------------------------------
 
 

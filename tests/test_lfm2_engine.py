@@ -535,8 +535,11 @@ def test_edits_wait_for_the_request_and_close_stops_everything(
         after.result(10)  # the engine closed before it could run
     with pytest.raises(RuntimeError, match="closed"):
         engine.open("")
-    with pytest.raises(RuntimeError, match="closed"):
-        engine.submit(GenerationRequest(a, UserTurn(text="x"), long), Sink())
+    refused = Sink()
+    engine.submit(GenerationRequest(a, UserTurn(text="x"), long), refused)
+    assert isinstance(refused.wait().error, RuntimeError) and refused.finished_calls == 1
+    with pytest.raises(RuntimeError):
+        engine.edit(a, lambda c: None).result(10)
 
 
 def test_released_conversations_refuse_work_and_edits_keep_order(
@@ -549,10 +552,11 @@ def test_released_conversations_refuse_work_and_edits_keep_order(
     assert engine.edit(ref, lambda c: len(sink.items)).result(WAIT_S) == 12  # after the request, in order
     assert engine.edit(ref, lambda c: 1 / 0).exception(WAIT_S).__class__ is ZeroDivisionError
     engine.release(ref)
-    with pytest.raises(KeyError):
-        engine.submit(GenerationRequest(ref, UserTurn(text="again"), GREEDY), Sink())
-    with pytest.raises(KeyError):
-        engine.edit(ref, lambda c: None)
+    refused = Sink()
+    engine.submit(GenerationRequest(ref, UserTurn(text="again"), GREEDY), refused)
+    assert isinstance(refused.wait().error, RuntimeError) and refused.items == []
+    with pytest.raises(RuntimeError, match="released"):
+        engine.edit(ref, lambda c: None).result(10)
 
 
 def test_an_aborted_waiting_request_ends_without_a_place(
@@ -570,6 +574,78 @@ def test_an_aborted_waiting_request_ends_without_a_place(
     assert not sink_a.done.is_set()  # b ended while a kept its place
     handle_a.abort()
     assert sink_a.wait().reason is EndReason.STOPPED
+
+
+def test_a_paused_row_keeps_its_place_and_committed_turns_go_first(
+    tiny_backend: LFM2Backend, batched: Callable[..., BatchedLFM2Engine]
+) -> None:
+    """A paused row is skipped (the others step on) but keeps its place; a
+    committed request is admitted before a speculative one that came first;
+    pausing changes nothing in what a row generates."""
+    script = Turn("Speculate on this", max_new_tokens=20)
+    (expected,) = alone(tiny_backend, [script])
+    engine = batched(max_batch=2)
+    refs = [engine.open("") for _ in range(4)]
+    order: list[str] = []  # started calls, on the engine thread
+
+    class Named(Sink):
+        def __init__(self, name: str, **kw: Any) -> None:
+            super().__init__(**kw)
+            self.name = name
+
+        def started(self, ts_ms: float) -> None:
+            order.append(self.name)
+            super().started(ts_ms)
+
+    paused = threading.Event()
+    spec_sink = Named("speculative", on_step=lambda n: (spec.pause(), paused.set()) if n == 4 else None)
+    request = GenerationRequest(refs[0], UserTurn(text=script.text), Sampling(0.0, 0, 0.0, 0, 20), speculative=True)
+    spec = engine.submit(request, spec_sink)
+    target: list[int] = []
+    went_on = threading.Event()
+    busy = Named("busy", on_step=lambda n: went_on.set() if target and n >= target[0] else None)
+    busy_handle = engine.submit(
+        GenerationRequest(refs[1], UserTurn(text="Busy"), Sampling(0.0, 0, 0.0, 0, 10_000)), busy
+    )
+    assert paused.wait(WAIT_S)
+    late_spec, committed = Named("late speculative"), Named("committed")
+    engine.submit(GenerationRequest(refs[2], UserTurn(text="Maybe"), GREEDY, speculative=True), late_spec)
+    engine.submit(GenerationRequest(refs[3], UserTurn(text="Sure"), GREEDY), committed)
+    target.append(len(busy.items) + 10)
+    assert went_on.wait(WAIT_S)
+    assert len(spec_sink.items) == 4  # held at its place while the busy row went on
+    assert engine.stats.waiting == 2  # the paused row still holds one of the two places
+    spec.resume()
+    spec_sink.wait()
+    busy_handle.abort()
+    committed.wait()
+    late_spec.wait()
+    # the first two shared the batch; then the committed turn took the place before the earlier speculation
+    assert sorted(order[:2]) == ["busy", "speculative"] and order[2:] == ["committed", "late speculative"]
+    assert spec_sink.values == expected.values and spec_sink.reason is EndReason.MAX_TOKENS
+
+
+def test_a_speculative_turn_undone_through_edits(
+    tiny_backend: LFM2Backend, batched: Callable[..., BatchedLFM2Engine]
+) -> None:
+    committed = [Turn("Hello there", max_new_tokens=12), Turn(audio=noise(1.0, seed=6), max_new_tokens=16)]
+    expected = alone(tiny_backend, committed)
+    engine = batched()
+    ref = engine.open("")
+    first = Sink()
+    engine.submit(GenerationRequest(ref, UserTurn(text="Hello there"), Sampling(0.0, 0, 0.0, 0, 12)), first)
+    engine.edit(ref, lambda c: c.record_response(AssistantTurn(list(first.wait().items)))).result(WAIT_S)
+    snapshot = engine.edit(ref, lambda c: c.snapshot()).result(WAIT_S)
+    guess = Sink(abort_after=5)
+    guess.set_handle(
+        engine.submit(GenerationRequest(ref, UserTurn(noise(0.5, seed=6)), GREEDY, speculative=True), guess)
+    )
+    engine.edit(ref, lambda c: c.restore(snapshot)).result(WAIT_S)
+    assert guess.wait().reason is EndReason.STOPPED
+    second = Sink()
+    engine.submit(GenerationRequest(ref, UserTurn(noise(1.0, seed=6)), Sampling(0.0, 0, 0.0, 0, 16)), second)
+    assert second.wait().values == expected[1].values
+    assert engine.edit(ref, lambda c: c.last_prefill_positions).result(WAIT_S) == expected[1].prefill_positions
 
 
 # -- the batched heads ---------------------------------------------------------------------

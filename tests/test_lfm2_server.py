@@ -13,6 +13,7 @@ import wave
 from pathlib import Path
 
 import grpc
+import pytest
 
 from service.config import Settings  # noqa: E402
 from service.server import VoiceChatServer  # noqa: E402
@@ -42,8 +43,9 @@ def of_response(events: list[pb.ConverseResponse], response_id: str) -> list[pb.
     return [e for e in events if getattr(getattr(e, e.WhichOneof("event")), "response_id", None) == response_id]
 
 
-async def test_converse_text_then_audio_turn(tiny_dir: Path) -> None:
-    server = VoiceChatServer(Settings(backend="lfm2", model=str(tiny_dir), host="127.0.0.1", port=0))
+@pytest.mark.parametrize("engine", ["batched", "serial"])
+async def test_converse_text_then_audio_turn(tiny_dir: Path, engine: str) -> None:
+    server = VoiceChatServer(Settings(backend="lfm2", model=str(tiny_dir), host="127.0.0.1", port=0, engine=engine))
     port = await server.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -78,8 +80,10 @@ async def test_converse_text_then_audio_turn(tiny_dir: Path) -> None:
     assert turns[1].reason == pb.COMMIT_REASON_CLIENT_COMMIT and turns[1].audio_duration_ms == 1500
 
 
-async def test_generate_returns_text_and_wav(tiny_dir: Path) -> None:
-    server = VoiceChatServer(Settings(backend="lfm2", model=str(tiny_dir), host="127.0.0.1", port=0, warmup=False))
+@pytest.mark.parametrize("engine", ["batched", "serial"])
+async def test_generate_returns_text_and_wav(tiny_dir: Path, engine: str) -> None:
+    settings = Settings(backend="lfm2", model=str(tiny_dir), host="127.0.0.1", port=0, warmup=False, engine=engine)
+    server = VoiceChatServer(settings)
     port = await server.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:

@@ -329,6 +329,23 @@ class LFM2Conversation(Conversation):
             self.chat.end_turn()
         self._open = None
 
+    # -- speculation --------------------------------------------------------------
+    def _snapshot(self) -> object:
+        # ChatState only ever replaces its tensors (torch.cat), so references keep them.
+        tensors = {name: getattr(self.chat, name) for name in self.chat.model_inputs}
+        with inference():
+            cache = self.cache.snapshot() if self.cache is not None else None
+        return self._open, tensors, cache
+
+    def _restore(self, state: object) -> None:
+        assert isinstance(state, tuple)
+        self._open, tensors, cache = state
+        for name, tensor in tensors.items():
+            setattr(self.chat, name, tensor)
+        if self.cache is not None:
+            with inference():
+                self.cache.restore(cache)
+
     # -- generation ---------------------------------------------------------------
     def begin_response(self) -> None:
         """Close the user turn and open the assistant's, as `generate` does

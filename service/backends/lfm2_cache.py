@@ -59,6 +59,38 @@ class PrefixCache:
             if hasattr(layer, "conv_states")
         ]
 
+    def snapshot(self) -> object:
+        """The cache as it is now, for `restore` (undoing a speculative turn
+        keeps the cache of the history before it). Attention KV tensors are
+        never written in place (they grow by concatenation and are cropped by
+        slicing), so references keep them; short-conv states are updated in
+        place, so they are copied."""
+        cache = self.cache
+        if cache is None:
+            return None
+        layers = [
+            (layer, getattr(layer, "keys", None), getattr(layer, "values", None),
+             {i: s.clone() for i, s in layer.conv_states.items() if s is not None}
+             if hasattr(layer, "conv_states") else None)
+            for layer in cache.layers
+        ]  # fmt: skip
+        return cache, layers, self.length, list(self.tail), self._conv
+
+    def restore(self, snapshot: object) -> None:
+        """Put the cache back as it was at `snapshot()`."""
+        if snapshot is None:
+            self.reset()
+            return
+        assert isinstance(snapshot, tuple)
+        cache, layers, length, tail, conv = snapshot
+        for layer, keys, values, states in layers:
+            if states is None:
+                layer.keys, layer.values = keys, values
+            else:
+                for i, state in states.items():
+                    layer.conv_states[i].copy_(state)
+        self.cache, self.length, self.tail, self._conv = cache, length, list(tail), conv
+
     def rollback(self) -> None:
         """Forget the tail; drop the cache when its layout is not understood."""
         cache = self.cache

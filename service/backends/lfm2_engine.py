@@ -151,6 +151,24 @@ def sample_frames(model: Any, hidden: torch.Tensor, params: Sequence[Params]) ->
 # -- engine-side records ----------------------------------------------------------------
 
 
+class _Handle(RequestHandle):
+    """A request handle that wakes the engine thread when it resumes or
+    aborts: a paused row is skipped, and with only paused rows the engine
+    sleeps until one of them changes."""
+
+    def __init__(self, request: GenerationRequest, wake: Callable[[], None]) -> None:
+        super().__init__(request)
+        self._wake = wake
+
+    def abort(self) -> None:
+        super().abort()
+        self._wake()
+
+    def resume(self) -> None:
+        super().resume()
+        self._wake()
+
+
 @dataclass(eq=False)
 class _Request:
     handle: RequestHandle
@@ -269,17 +287,22 @@ class BatchedLFM2Engine(Engine):
                 self._thread = threading.Thread(target=self._run, name="lfm2-engine", daemon=True)
                 self._thread.start()
 
-    def _post(self, item: tuple[Any, ...], conversation: ConversationRef | None = None) -> None:
+    def _post(self, item: tuple[Any, ...], conversation: ConversationRef | None = None) -> bool:
+        """Queue `item` for the engine thread; False when the engine is closed
+        or `conversation` was released (the caller reports that)."""
         with self._cond:
-            if self._closed:
-                raise RuntimeError("the engine is closed")
-            if conversation is not None and conversation.id not in self._open_ids:
-                raise KeyError(f"{conversation!r} is not open")
+            if self._closed or (conversation is not None and conversation.id not in self._open_ids):
+                return False
             if item[0] == "submit":
                 self.stats.waiting += 1
             self._inbox.append(item)
             self._cond.notify()
         self.start()
+        return True
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
 
     def open(self, system_prompt: str, mode: GenerateMode = GenerateMode.CHAT) -> ConversationRef:
         ref = ConversationRef(system_prompt, mode)
@@ -291,13 +314,15 @@ class BatchedLFM2Engine(Engine):
         return ref
 
     def submit(self, request: GenerationRequest, sink: StepSink) -> RequestHandle:
-        handle = RequestHandle(request)
-        self._post(("submit", request.conversation.id, _Request(handle, sink)), request.conversation)
+        handle = _Handle(request, self._wake)
+        if not self._post(("submit", request.conversation.id, _Request(handle, sink)), request.conversation):
+            sink.finished(None, RuntimeError("the engine is closed or the conversation was released"))
         return handle
 
     def edit(self, conversation: ConversationRef, op: Callable[[Conversation], T]) -> concurrent.futures.Future[T]:
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
-        self._post(("edit", conversation.id, op, future), conversation)
+        if not self._post(("edit", conversation.id, op, future), conversation):
+            future.set_exception(RuntimeError("the engine is closed or the conversation was released"))
         return future
 
     def release(self, conversation: ConversationRef) -> None:
@@ -348,7 +373,12 @@ class BatchedLFM2Engine(Engine):
         return True
 
     def _has_work(self) -> bool:
-        return bool(self._ready or self._prefilling or self._decoding or self._waiting)
+        rows = [*self._prefilling, *self._decoding]
+        if self._ready or any(not row.handle.paused for row in rows):
+            return True
+        if any(row.handle.aborted for row in rows) or any(r.handle.aborted for _, r in self._waiting):
+            return True
+        return bool(self._waiting) and len(rows) < self.max_batch
 
     def _accept_inbox(self) -> None:
         with self._cond:
@@ -402,7 +432,7 @@ class BatchedLFM2Engine(Engine):
             return
         started = time.perf_counter()
         with self._lfm2.step_lock, inference():
-            decoding = bool(self._decoding)
+            decoding = any(not row.handle.paused for row in self._decoding)
             self._prefill(self._prefill_budget() if decoding else math.inf)
             forward_started = time.perf_counter()
             fed = self._forward()
@@ -466,7 +496,10 @@ class BatchedLFM2Engine(Engine):
                     keep.append((lane, request))
             self._waiting = keep
         while self._waiting and len(self._prefilling) + len(self._decoding) < self.max_batch:
-            lane, request = self._waiting.popleft()
+            # committed turns first: speculation never delays a committed response
+            at = next((i for i, (_, r) in enumerate(self._waiting) if not r.handle.request.speculative), 0)
+            lane, request = self._waiting[at]
+            del self._waiting[at]
             self._start(lane, request)
 
     def _start(self, lane: _Lane, request: _Request) -> None:
@@ -493,8 +526,12 @@ class BatchedLFM2Engine(Engine):
             self._finish(row, EndReason.STOPPED, None)
         elif row.steps.steps_left <= 0:
             self._finish(row, EndReason.MAX_TOKENS, None)
-        else:
+        elif handle.request.speculative:
             self._prefilling.append(row)
+        else:  # ahead of speculative rows whose prefill has not begun
+            at = next((i for i, r in enumerate(self._prefilling) if r.handle.request.speculative and r.plan is None),
+                      len(self._prefilling))  # fmt: skip
+            self._prefilling.insert(at, row)
 
     def _stop_aborted(self) -> None:
         for row in [*self._prefilling, *self._decoding]:
@@ -513,8 +550,10 @@ class BatchedLFM2Engine(Engine):
 
     def _prefill(self, budget: float) -> None:
         model = self._lfm2.model
-        while self._prefilling and budget > 0:
-            row = self._prefilling[0]
+        while budget > 0:
+            row = next((r for r in self._prefilling if not r.handle.paused), None)
+            if row is None:
+                return
             try:
                 if row.plan is None:
                     row.prefill_started = time.perf_counter()
@@ -532,7 +571,7 @@ class BatchedLFM2Engine(Engine):
                 if row.prefilled < plan.positions:
                     continue
                 row.state.prefill_done(plan, row.prefill_started)
-                self._prefilling.popleft()
+                self._prefilling.remove(row)
                 row.embeddings = None
                 slot = len(self._decoding)
                 self._slots.reserve(min(self.max_batch, max(4, 2 * (slot + 1))), plan.length + 1)
@@ -547,7 +586,7 @@ class BatchedLFM2Engine(Engine):
     def _forward(self) -> int:
         """One backbone step for every decoding row with a step to feed back;
         returns how many rows ran."""
-        rows = [row for row in self._decoding if row.fed is not None]
+        rows = [row for row in self._decoding if row.fed is not None and not row.handle.paused]
         if not rows:
             return 0
         for i, row in enumerate(rows):  # the rows that run take slots 0..n-1
@@ -590,7 +629,7 @@ class BatchedLFM2Engine(Engine):
 
     def _sample(self) -> int:
         """Sample every row that has a hidden state; returns how many."""
-        rows = [row for row in self._decoding if row.hidden is not None]
+        rows = [row for row in self._decoding if row.hidden is not None and not row.handle.paused]
         if not rows:
             return 0
         model = self._lfm2.model
