@@ -102,10 +102,19 @@ async def generate_once(
     return sink.result
 
 
-async def transcribe(engine: Engine, audio: np.ndarray) -> str:
-    """The text of a user turn (16 kHz mono float32), by the model in ASR mode."""
+def transcript_tokens(seconds: float) -> int:
+    """A bound on the tokens of a transcript: speech runs at 2-4 tokens a second,
+    so this never cuts a real one and stops a model that does not end."""
+    return 32 + int(8 * seconds)
+
+
+async def transcribe(engine: Engine, audio: np.ndarray, rate: int = 16_000) -> str:
+    """The text of a user turn (mono float32 at `rate`), by the model in ASR mode."""
     mode = GenerateMode.TRANSCRIBE
-    result = await generate_once(engine, "", mode, UserTurn(audio), engine.backend.default_sampling(mode))
+    sampling = dataclasses.replace(
+        engine.backend.default_sampling(mode), max_new_tokens=transcript_tokens(len(audio) / rate)
+    )
+    result = await generate_once(engine, "", mode, UserTurn(audio, audio_rate=rate), sampling)
     return result.text.strip()
 
 

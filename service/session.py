@@ -177,6 +177,7 @@ class ChatSession:
         self._end: StreamEnd | None = None
         self._end_deadline = 0.0
         self._can_speculate = True
+        self._transcriptions: set[asyncio.Task[None]] = set()  # owned by the TaskGroup; waited for at the end
 
     @property
     def log_extra(self) -> dict[str, str]:
@@ -411,7 +412,10 @@ class ChatSession:
             )
         )
         if ready is not None and self.options.input_transcription:
-            self._spawn(self._transcribe(turn_id, ready.audio), f"{self.id}-transcribe-{turn_id}")
+            task = self._spawn(self._transcribe(turn_id, ready.audio), f"{self.id}-transcribe-{turn_id}")
+            if task is not None:
+                self._transcriptions.add(task)
+                task.add_done_callback(self._transcriptions.discard)
         if promote:
             assert spec is not None
             self._speculative = None  # committed: no longer something to discard
@@ -581,6 +585,8 @@ class ChatSession:
             if self._draining and self._turns.empty():
                 self.end(Unavailable("the server is shutting down; reconnect"))
                 return
+        if self._transcriptions:  # the transcripts of the last turns are part of the answer
+            await asyncio.wait(set(self._transcriptions))
         self.end(None)
 
     def _new_run(self, response_id: str, speculative: bool = False) -> ResponseRun:
@@ -656,12 +662,12 @@ class ChatSession:
         self.runtime.metrics.input_transcription()
         self._put(input_transcription=pb.InputTranscription(turn_id=turn_id, text=text))
 
-    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None] | None:
         """Run a short helper task owned by the session's TaskGroup."""
         if self._group is None:
             coro.close()
-            return
-        self._group.create_task(coro, name=name)
+            return None
+        return self._group.create_task(coro, name=name)
 
     def _edit(self, op: Callable[[Conversation], object], what: str) -> None:
         """A history edit nobody waits for; a failure is logged."""
