@@ -181,7 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="checkpoint folder or Hugging Face id (from the local cache)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        help="bf16, fp16 or fp32 (default: bf16 on GPU and on CPUs with native bf16 matmuls, else fp32)",
+    )
     parser.add_argument("--steps", type=int, default=54, help="generated steps per run (54 = 3 x (6 text + 12 audio))")
     parser.add_argument("--repeats", type=int, default=3, help="measured runs (after one warm-up run)")
     parser.add_argument("--utterance-s", type=float, default=3.0, help="length of the user utterance")

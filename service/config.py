@@ -40,7 +40,8 @@ class Settings:
     model: str = _opt(DEFAULT_MODEL, "Hugging Face model id or local checkpoint folder.")
     revision: str = _opt("", "Model revision (commit) to load; empty = the pinned default.")
     device: str = _opt("auto", "Torch device: auto (CUDA when present), cuda or cpu.")
-    dtype: str = _opt("auto", "Model dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32.",
+    dtype: str = _opt("auto", "Model dtype: auto (bf16 on GPU and on CPUs with native bf16 "
+                      "matmuls, AMX or AVX-512 BF16; else fp32), bf16, fp16 or fp32.",
                       choices=("auto", "bf16", "fp16", "fp32"))
     audio_decoder: str = _opt("auto", "Audio decoder: auto (the LFM2.5 detokenizer when the checkpoint "
                               "has one, else Mimi), detokenizer or mimi.",

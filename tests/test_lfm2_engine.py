@@ -11,10 +11,12 @@ in test_lfm2_backend.py: the random weights never end a response by themselves.
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -673,3 +675,22 @@ def test_sample_rows_follows_each_rows_parameters() -> None:
     assert seen[0] == {1}  # greedy
     assert seen[1] == {1, 2}  # top-2
     assert seen[2] == {0, 1, 2, 3, 4}  # hot and wide: everything
+
+
+# -- the benchmark script --------------------------------------------------------------------
+
+
+def test_engine_bench_runs_on_the_tiny_model(tiny_dir: Path, tmp_path: Path) -> None:
+    from bench import engine as bench
+
+    out = tmp_path / "engine.json"
+    assert bench.main(["--model", str(tiny_dir), "--dtype", "fp32", "--concurrency", "1,3", "--steps", "10",
+                       "--decode", "2", "--json", str(out)]) == 0  # fmt: skip
+    report = json.loads(out.read_text())
+    points = {(p["engine"], p["conversations"]): p for p in report["points"]}
+    assert set(points) == {("serial", 1), ("batched", 1), ("serial", 3), ("batched", 3)}
+    for point in points.values():
+        assert point["aggregate_steps_per_s"] > 0 and point["first_audio_ms_p50"] > 0
+    assert points[("batched", 3)]["rows_per_step"] > 1  # the three conversations shared steps
+    assert report["decode"][0]["audio_s_per_s"] > 0
+    assert bench.main(["--model", str(tiny_dir), "--check", "--steps", "10"]) == 0
