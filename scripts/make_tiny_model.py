@@ -20,7 +20,8 @@ detokenizer (LFM2.5-Audio-1.5B), `lfm2` only the Mimi codec (LFM2-Audio-1.5B).
 Sizes: `tiny` (3.5 M parameters, built in under a second plus imports; for
 tests) and `full` (the published architecture: 1453.5 M parameters in bf16,
 2.8 GB, plus a 78.5 M fp32 detokenizer; about 40 s and 9.5 GB of RAM on 2
-CPU cores; for benchmarks such as `python -m bench.lfm2_steps`). The
+CPU cores; for benchmarks such as `python -m bench.lfm2_steps` and
+`python -m bench.engine`). The
 full-size shapes were reconstructed from the public LFM2-1.2B backbone config
 and ports of the model (mlx-audio, ONNX exports); the parameter counts match
 the published checkpoint sizes, but the files are not the official configs.
