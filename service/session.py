@@ -517,6 +517,8 @@ class ChatSession:
             return
         if self._draining or self._end is not None or not len(audio):
             return
+        if self.engine.stats.waiting:
+            return  # the model is saturated: a speculative row would take a committed turn's place
         self._speculative = spec = _Speculation(audio)
         self.speculative_starts += 1
         self._turns.put_nowait(spec)

@@ -35,7 +35,7 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -302,6 +302,9 @@ class ThreadedEngine(Engine):
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="engine")
         self._lanes: dict[int, _Lane] = {}
         self._handles: set[RequestHandle] = set()
+        # queued work not started yet: close() answers what the pool will never run
+        self._queued: dict[RequestHandle, StepSink] = {}
+        self._queued_edits: set[concurrent.futures.Future[Any]] = set()
         self._lock = threading.Lock()
         self._closed = False
 
@@ -337,10 +340,13 @@ class ThreadedEngine(Engine):
             return handle
         with self._lock:
             self._handles.add(handle)
+            self._queued[handle] = sink
             self.stats.waiting += 1
 
         def generate() -> None:
             with self._lock:
+                if self._queued.pop(handle, None) is None:
+                    return  # close() already finished it
                 self.stats.waiting -= 1
                 self.stats.running += 1
             self.stats.record_wait(now_ms() - handle.submitted_ms)
@@ -357,7 +363,10 @@ class ThreadedEngine(Engine):
                     self._handles.discard(handle)
 
         if not lane.run(generate):
-            sink.finished(None, RuntimeError("the engine is closed"))
+            with self._lock:
+                queued = self._queued.pop(handle, None) is not None
+            if queued:
+                sink.finished(None, RuntimeError("the engine is closed"))
         return handle
 
     def edit(self, conversation: ConversationRef, op: Callable[[Conversation], T]) -> concurrent.futures.Future[T]:
@@ -367,9 +376,14 @@ class ThreadedEngine(Engine):
             future.set_exception(RuntimeError("the engine is closed or the conversation was released"))
             return future
 
+        with self._lock:
+            self._queued_edits.add(future)
+
         def apply() -> None:
-            if not future.set_running_or_notify_cancel():
-                return
+            with self._lock:
+                self._queued_edits.discard(future)
+                if future.done() or not future.set_running_or_notify_cancel():
+                    return  # close() answered it, or the caller cancelled it
             try:
                 state = conversation.state
                 if state is None:
@@ -378,8 +392,11 @@ class ThreadedEngine(Engine):
             except Exception as exc:  # noqa: BLE001 - delivered to the caller through the future
                 future.set_exception(exc)
 
-        if not lane.run(apply) and not future.done():
-            future.set_exception(RuntimeError("the engine is closed"))
+        if not lane.run(apply):
+            with self._lock:
+                self._queued_edits.discard(future)
+                if not future.done():
+                    future.set_exception(RuntimeError("the engine is closed"))
         return future
 
     def release(self, conversation: ConversationRef) -> None:
@@ -404,6 +421,15 @@ class ThreadedEngine(Engine):
         stopped = done.wait(timeout)
         if not stopped:
             log.warning("engine threads still busy after %.1f s", timeout)
+        # what the pool dropped unstarted still gets its answer, as with the batched engine
+        with self._lock:
+            queued, self._queued = list(self._queued.values()), {}
+            edits = [f for f in self._queued_edits if not f.done() and not f.running()]
+            self._queued_edits.clear()
+            for future in edits:
+                future.set_exception(RuntimeError("the engine is closed"))
+        for sink in queued:
+            sink.finished(EndReason.STOPPED, None)
         return stopped
 
 
