@@ -5,15 +5,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
 
-from service.backends.base import BackendLoadError
-from service.config import parse_args
-from service.errors import StartupError
-from service.logs import configure_logging
-from service.server import VoiceChatServer
+# Before numpy loads: its OpenBLAS would start a busy-waiting thread per core for
+# the small matrix products of end-of-turn detection, doubling their CPU time.
+# The server runs many streams at once and torch has threads of its own.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+from service.backends.base import BackendLoadError  # noqa: E402
+from service.config import parse_args  # noqa: E402
+from service.errors import StartupError  # noqa: E402
+from service.logs import configure_logging  # noqa: E402
+from service.server import VoiceChatServer  # noqa: E402
 
 log = logging.getLogger("service")
 
