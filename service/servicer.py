@@ -112,8 +112,11 @@ class VoiceChatServicer(pb_grpc.VoiceChatServiceServicer):
                 return
             outcome = "ok" if end.code is None else f"{end.code.name}: {end.details}"
             if end.code is not None:
-                # behind a write the client never reads, the status cannot leave either:
-                # give up after a moment so the slot is freed (the transport cancels the call)
+                # the status goes out after the send in flight; behind a send the client
+                # never reads it cannot leave either: give up after a moment so the slot
+                # is freed (the transport cancels the call)
+                if session.writing is not None and not session.writing.done():
+                    await asyncio.wait({session.writing}, timeout=_ABORT_WAIT_S)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(context.abort(end.code, end.details), _ABORT_WAIT_S)
         except _NoSession as exc:

@@ -94,6 +94,12 @@ class _Ended(Exception):
     """Raised inside the session's TaskGroup to stop every task: the stream is over."""
 
 
+def _retrieve(future: asyncio.Future[None]) -> None:
+    """Mark a send's failure as seen: the writer that started it may be gone."""
+    if not future.cancelled():
+        future.exception()
+
+
 #: how `run` reports a call whose transport failed under a write (the client went away)
 CLIENT_GONE = StreamEnd(grpc.StatusCode.CANCELLED, "the client went away")
 
@@ -177,6 +183,7 @@ class ChatSession:
         self._end: StreamEnd | None = None
         self._end_deadline = 0.0
         self._can_speculate = True
+        self.writing: asyncio.Future[None] | None = None  # the send in flight, if any
         self._transcriptions: set[asyncio.Task[None]] = set()  # owned by the TaskGroup; waited for at the end
 
     @property
@@ -262,8 +269,12 @@ class ChatSession:
                 self._end = self._end or item  # the outbox may have ended the stream itself
                 raise _Ended
             self.runtime.metrics.event_written(item)
+            # a send cannot be taken back once started: cancelling the writer leaves it
+            # running, and the call's status can go out only after it (`writing`)
+            self.writing = asyncio.ensure_future(write(item))
+            self.writing.add_done_callback(_retrieve)
             try:
-                await write(item)
+                await asyncio.shield(self.writing)
             except Exception as exc:  # noqa: BLE001 - any transport failure means the peer is gone
                 log.debug("%s: write failed: %r", self.id, exc, extra=self.log_extra)
                 self._end = CLIENT_GONE
