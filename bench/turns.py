@@ -33,11 +33,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import psutil
+# as the server process runs it (service/__main__.py): OpenBLAS single-threaded
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from bench.speech import duration_ms, utterance
-from service.turns import SmartTurnModel, TurnMode, TurnReady, TurnSettings, TurnTracker
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
+
+from bench.speech import duration_ms, utterance  # noqa: E402
+from service.turns import SmartTurnModel, TurnMode, TurnReady, TurnSettings, TurnTracker  # noqa: E402
 
 VOICES = ("en", "en-us", "en-gb-scotland", "en-us+f3", "en-029")
 COMPLETE = (
