@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -56,23 +55,13 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.gpu import ensure_model  # noqa: E402
+from bench.lfm2_steps import cpu_name  # noqa: E402
 from service.backends.base import AssistantTurn, AudioFrame, EndReason, Sampling, TextToken  # noqa: E402
 from service.backends.engine import Engine, GenerationRequest, ThreadedEngine, UserTurn  # noqa: E402
 from service.backends.lfm2 import LFM2Backend  # noqa: E402
 
 FIRST_AUDIO_STEPS = 7  # 6 text tokens, then the first frame (the chat pattern of the published config)
-
-
-def ensure_model(size: str, model: Path | None) -> Path:
-    """The checkpoint folder: `model` as given, else random weights built once."""
-    if model is not None:
-        return model
-    folder = REPO / "models" / f"random-{size}"
-    if not (folder / "config.json").exists() or not any(folder.glob("*.safetensors")):
-        print(f"building a {size} random-weight checkpoint in {folder} ...", flush=True)
-        subprocess.run([sys.executable, str(REPO / "scripts" / "make_tiny_model.py"), str(folder), "--size", size],
-                       check=True, cwd=REPO)  # fmt: skip
-    return folder
 
 
 class Timed:
@@ -397,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     backend = LFM2Backend(model=str(model), device=args.device, dtype=args.dtype)
     backend.load()
     device = backend.device
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     print(
         f"{backend.model_id} on {device} ({name}, {torch.get_num_threads()} threads), "
         f"{str(backend.dtype).removeprefix('torch.')}, loaded in {time.perf_counter() - started:.1f} s",
@@ -422,16 +411,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wrote {args.json}")
     backend.close()
     return 0
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "CPU"
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ def _utterance(seconds: float, seed: int) -> np.ndarray:
     return (np.random.default_rng(seed).standard_normal(int(seconds * 16_000)) * 0.1).astype(np.float32)
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "model": backend.model_id,
         "device": str(backend.device),
-        "device_name": torch.cuda.get_device_name(backend.device) if backend.device.type == "cuda" else _cpu_name(),
+        "device_name": torch.cuda.get_device_name(backend.device) if backend.device.type == "cuda" else cpu_name(),
         "dtype": str(backend.dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
         "params_millions": round(params / 1e6, 1),
