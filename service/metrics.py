@@ -140,6 +140,18 @@ class ServiceMetrics:
         self.errors = Counter(
             f"{PREFIX}_errors", "In-stream error events sent to clients, by code.", ["code"], registry=r
         )
+        self.calls_refused = Counter(
+            f"{PREFIX}_calls_refused",
+            "Calls refused before they started (at the session limit, model loading, draining), by method and code.",
+            ["method", "code"],
+            registry=r,
+        )
+        self.generate_calls = Counter(
+            f"{PREFIX}_generate_calls",
+            "Generate calls that ran, by the gRPC status they ended with.",
+            ["code"],
+            registry=r,
+        )
         self.input_transcriptions = Counter(
             f"{PREFIX}_input_transcriptions", "InputTranscription events sent (spoken turns transcribed).", registry=r
         )
@@ -208,6 +220,15 @@ class ServiceMetrics:
         """A stream that `session_started` counted has ended (None: OK)."""
         self.sessions_live.dec()
         self.sessions_ended.labels(status_code_label(code)).inc()
+
+    def call_refused(self, method: str, code: grpc.StatusCode | str | None) -> None:
+        """An admission refusal; `method` is "Converse" or "Generate"."""
+        self.calls_refused.labels(
+            method if method in ("Converse", "Generate") else "UNKNOWN", status_code_label(code)
+        ).inc()
+
+    def generate_ended(self, code: grpc.StatusCode | str | None) -> None:
+        self.generate_calls.labels(status_code_label(code)).inc()
 
     def turn_committed(self, reason: int | str) -> None:
         self.turns_committed.labels(commit_reason_label(reason)).inc()

@@ -95,6 +95,7 @@ class VoiceChatServicer(pb_grpc.VoiceChatServiceServicer):
         try:
             self._enter()
         except ServiceError as exc:
+            self.runtime.metrics.call_refused("Converse", exc.code)
             await context.abort(*status_of(exc))
         started = time.monotonic()
         session: ChatSession | None = None
@@ -187,17 +188,23 @@ class VoiceChatServicer(pb_grpc.VoiceChatServiceServicer):
         if isinstance(request, Undecodable):
             await context.abort(*status_of(request.error()))
             raise AssertionError("unreachable")  # context.abort raises
+        rt = self.runtime
         try:
             self._enter()
         except ServiceError as exc:
+            rt.metrics.call_refused("Generate", exc.code)
             await context.abort(*status_of(exc))
+        code: grpc.StatusCode | None = grpc.StatusCode.CANCELLED  # until it ends otherwise
         try:
-            rt = self.runtime
-            return await oneshot.generate(rt.engine, rt.settings, rt.decode_pool, request)
+            reply = await oneshot.generate(rt.engine, rt.settings, rt.decode_pool, request)
+            code = None
+            return reply
         except ServiceError as exc:
+            code = exc.code
             await context.abort(*status_of(exc))
         finally:
             self._leave()
+            rt.metrics.generate_ended(code)
         raise AssertionError("unreachable")  # context.abort raises
 
 

@@ -290,6 +290,29 @@ async def test_a_spoken_and_a_typed_turn_move_the_series(start_server: StartServ
     assert value(after, "voicechat_health_serving") == 1
 
 
+async def test_refused_calls_and_generate_calls_are_counted(start_server: StartServer) -> None:
+    port = free_port()
+    running = await start_server(metrics_port=port, max_sessions=1)
+    reply = await running.stub.Generate(pb.GenerateRequest(text="hi #frames=2"))
+    assert reply.status == pb.RESPONSE_STATUS_COMPLETED
+    with pytest.raises(grpc.aio.AioRpcError):
+        await running.stub.Generate(pb.GenerateRequest())  # no input: INVALID_ARGUMENT
+    holder = running.stub.Converse(requests([manual_config()]))
+    assert (await anext(aiter(holder))).HasField("session_started")  # the only slot is taken
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await running.stub.Generate(pb.GenerateRequest(text="hi"))
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    with pytest.raises(grpc.aio.AioRpcError):
+        async for _ in running.stub.Converse(requests([manual_config()])):
+            pass
+    holder.cancel()
+    samples = await scrape(port)
+    assert value(samples, "voicechat_generate_calls_total", code="OK") == 1
+    assert value(samples, "voicechat_generate_calls_total", code="INVALID_ARGUMENT") == 1
+    assert value(samples, "voicechat_calls_refused_total", method="Generate", code="RESOURCE_EXHAUSTED") == 1
+    assert value(samples, "voicechat_calls_refused_total", method="Converse", code="RESOURCE_EXHAUSTED") == 1
+
+
 async def test_metrics_port_off_serves_nothing_and_stop_closes_the_endpoint(start_server: StartServer) -> None:
     off = await start_server()
     assert off.server.metrics_port == 0
