@@ -285,6 +285,9 @@ class ResponseRun:
         self._changed.set()
 
     def _on_finished(self, end: EndReason | None, error: BaseException | None) -> None:
+        if self.held and end is EndReason.STOPPED and not self.stopping:
+            # the engine took back a speculation's place for a committed turn: it cannot be promoted
+            self.stop(pb.RESPONSE_STATUS_CANCELLED, "speculation preempted by a committed turn")
         self._end, self._error, self._done = end, error, True
         self._finished.set()
         self._changed.set()

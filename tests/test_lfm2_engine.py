@@ -581,9 +581,10 @@ def test_an_aborted_waiting_request_ends_without_a_place(
 def test_a_paused_row_keeps_its_place_and_committed_turns_go_first(
     tiny_backend: LFM2Backend, batched: Callable[..., BatchedLFM2Engine]
 ) -> None:
-    """A paused row is skipped (the others step on) but keeps its place; a
-    committed request is admitted before a speculative one that came first;
-    pausing changes nothing in what a row generates."""
+    """A paused row is skipped (the others step on) but keeps its place among
+    speculative requests; a committed request is admitted before a speculative
+    one that came first, and takes the place of a paused speculative row when
+    the batch is full; pausing changes nothing in what a row generates."""
     script = Turn("Speculate on this", max_new_tokens=20)
     (expected,) = alone(tiny_backend, [script])
     engine = batched(max_batch=2)
@@ -610,21 +611,28 @@ def test_a_paused_row_keeps_its_place_and_committed_turns_go_first(
         GenerationRequest(refs[1], UserTurn(text="Busy"), Sampling(0.0, 0, 0.0, 0, 10_000)), busy
     )
     assert paused.wait(WAIT_S)
-    late_spec, committed = Named("late speculative"), Named("committed")
+    late_spec = Named("late speculative")
     engine.submit(GenerationRequest(refs[2], UserTurn(text="Maybe"), GREEDY, speculative=True), late_spec)
-    engine.submit(GenerationRequest(refs[3], UserTurn(text="Sure"), GREEDY), committed)
     target.append(len(busy.items) + 10)
     assert went_on.wait(WAIT_S)
     assert len(spec_sink.items) == 4  # held at its place while the busy row went on
-    assert engine.stats.waiting == 2  # the paused row still holds one of the two places
+    assert engine.stats.waiting == 1  # a speculative request does not take a paused one's place
     spec.resume()
     spec_sink.wait()
-    busy_handle.abort()
-    committed.wait()
-    late_spec.wait()
-    # the first two shared the batch; then the committed turn took the place before the earlier speculation
-    assert sorted(order[:2]) == ["busy", "speculative"] and order[2:] == ["committed", "late speculative"]
     assert spec_sink.values == expected.values and spec_sink.reason is EndReason.MAX_TOKENS
+    late_spec.wait()
+    # a committed turn with the batch full of a busy row and a paused speculation: the speculation gives way
+    again = Named("paused again", on_step=lambda n: (again_handle[0].pause(), again_paused.set()) if n == 2 else None)
+    again_paused = threading.Event()
+    again_handle = [engine.submit(GenerationRequest(refs[0], UserTurn(text="Again"), GREEDY, speculative=True), again)]
+    assert again_paused.wait(WAIT_S)
+    committed = Named("committed")
+    engine.submit(GenerationRequest(refs[3], UserTurn(text="Sure"), GREEDY), committed)
+    committed.wait()
+    assert again.wait().reason is EndReason.STOPPED and len(again.items) == 2
+    busy_handle.abort()
+    assert sorted(order[:2]) == ["busy", "speculative"]
+    assert order[2:] == ["late speculative", "paused again", "committed"]
 
 
 def test_a_speculative_turn_undone_through_edits(

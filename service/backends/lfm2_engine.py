@@ -501,6 +501,14 @@ class BatchedLFM2Engine(Engine):
             lane, request = self._waiting[at]
             del self._waiting[at]
             self._start(lane, request)
+        if any(not r.handle.request.speculative for _, r in self._waiting):
+            # the batch is full and a committed turn waits: a speculative row gives up its
+            # place (paused ones first); it ends as STOPPED at the next iteration
+            rows = [*self._decoding, *self._prefilling]
+            spec = [r for r in rows if r.handle.request.speculative and not r.handle.aborted]
+            victim = next((r for r in spec if r.handle.paused), spec[0] if spec else None)
+            if victim is not None:
+                victim.handle.abort()
 
     def _start(self, lane: _Lane, request: _Request) -> None:
         """Give a request its row: add the user turn and open the response."""
