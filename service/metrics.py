@@ -165,41 +165,37 @@ class ServiceMetrics:
             "Audio chunks merged into a queued one because a client read slowly.",
             registry=r,
         )
-        self.speech_end_to_commit = Histogram(
-            f"{PREFIX}_speech_end_to_commit_seconds",
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(f"{PREFIX}_{name}", doc, buckets=buckets, registry=r)
+
+        self.speech_end_to_commit = histogram(
+            "speech_end_to_commit_seconds",
             "End of the user's speech to the turn's commit (server VAD and semantic turns).",
-            buckets=SPEECH_END_TO_COMMIT_BUCKETS,
-            registry=r,
+            SPEECH_END_TO_COMMIT_BUCKETS,
         )
-        self.commit_to_first_audio = Histogram(
-            f"{PREFIX}_commit_to_first_audio_seconds",
+        self.commit_to_first_audio = histogram(
+            "commit_to_first_audio_seconds",
             "Turn commit to the first audio chunk written to the stream.",
-            buckets=FIRST_AUDIO_BUCKETS,
-            registry=r,
+            FIRST_AUDIO_BUCKETS,
         )
-        self.prefill = Histogram(
-            f"{PREFIX}_prefill_seconds",
+        self.prefill = histogram(
+            "prefill_seconds",
             "Turn commit to the model's first step (prefill, and any wait for the model).",
-            buckets=PREFILL_BUCKETS,
-            registry=r,
+            PREFILL_BUCKETS,
         )
-        self.generation_rtf = Histogram(
-            f"{PREFIX}_generation_rtf",
+        self.generation_rtf = histogram(
+            "generation_rtf",
             "Generation real-time factor per response: seconds of audio generated per second.",
-            buckets=RTF_BUCKETS,
-            registry=r,
+            RTF_BUCKETS,
         )
-        self.event_latency = Histogram(
-            f"{PREFIX}_server_latency_seconds",
+        self.event_latency = histogram(
+            "server_latency_seconds",
             "Server-added latency per text delta and audio chunk: ready to written (traced streams).",
-            buckets=EVENT_LATENCY_BUCKETS,
-            registry=r,
+            EVENT_LATENCY_BUCKETS,
         )
-        self.engine_wait = Histogram(
-            f"{PREFIX}_engine_wait_seconds",
-            "How long a turn waited for a place in the model.",
-            buckets=ENGINE_WAIT_BUCKETS,
-            registry=r,
+        self.engine_wait = histogram(
+            "engine_wait_seconds", "How long a turn waited for a place in the model.", ENGINE_WAIT_BUCKETS
         )
         self.health = Gauge(f"{PREFIX}_health_serving", "1 while health reports SERVING, else 0.", registry=r)
         self._engine = _EngineCollector()

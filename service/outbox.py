@@ -42,7 +42,7 @@ import grpc
 from service.clock import now_ms
 from voicechat.v1 import voicechat_pb2 as pb
 
-__all__ = ["Outbox", "SlowReader", "StreamEnd", "WriteStats", "now_ms"]
+__all__ = ["Outbox", "SlowReader", "StreamEnd", "WriteStats"]
 
 
 class SlowReader(Exception):

@@ -180,8 +180,11 @@ class ChatSession:
         self._last_request = time.monotonic()
         self._going_away = False
         self._draining = False
-        self._end: StreamEnd | None = None
-        self._end_deadline = 0.0
+        # how the stream ends is the outbox's (`outbox.end`: the session's own end or
+        # the outbox's overflow end); these two outcomes never reach the outbox
+        self._failure: StreamEnd | None = None  # a session task crashed
+        self._client_gone = False  # a write failed: the peer is gone
+        self._end_deadline = 0.0  # when an end still not written cuts the call
         self._can_speculate = True
         self.writing: asyncio.Future[None] | None = None  # the send in flight, if any
         self._transcriptions: set[asyncio.Task[None]] = set()  # owned by the TaskGroup; waited for at the end
@@ -221,11 +224,13 @@ class ChatSession:
             pass
         except* Exception as crash:  # noqa: BLE001 - any crash of a session task ends the stream, logged once
             log.error("%s: a session task failed", self.id, exc_info=crash.exceptions[0], extra=self.log_extra)
-            self._end = StreamEnd(*status_of(Internal("internal server error; the session was ended")))
+            self._failure = StreamEnd(*status_of(Internal("internal server error; the session was ended")))
         finally:
             self._group = None
             self._shutdown()
-        return self._end or self.outbox.end or StreamEnd(None)
+        if self._client_gone:
+            return CLIENT_GONE
+        return self._failure or self.outbox.end or StreamEnd(None)
 
     def _shutdown(self) -> None:
         """Synchronous cleanup: nothing here can be skipped by a second cancel."""
@@ -252,21 +257,19 @@ class ChatSession:
     def end(self, error: ServiceError | None) -> None:
         """End the stream (with OK when `error` is None) once the events queued
         before it are written, or after `_END_GRACE_S` if the client does not read."""
-        if self._end is not None:
+        if self.outbox.end is not None:
             return
-        self._end = StreamEnd(None) if error is None else StreamEnd(*status_of(error))
         self._end_deadline = time.monotonic() + _END_GRACE_S
         if self.current is not None and error is not None:
             self.current.stop(pb.RESPONSE_STATUS_CANCELLED, error.message)
         self._discard_speculation()
-        self.outbox.put(self._end)
+        self.outbox.put(StreamEnd(None) if error is None else StreamEnd(*status_of(error)))
 
     # -- writer -----------------------------------------------------------------
     async def _write(self, write: Callable[[pb.ConverseResponse], Awaitable[None]]) -> None:
         while True:
             item = await self.outbox.get()
             if isinstance(item, StreamEnd):
-                self._end = self._end or item  # the outbox may have ended the stream itself
                 raise _Ended
             self.runtime.metrics.event_written(item)
             # a send cannot be taken back once started: cancelling the writer leaves it
@@ -277,14 +280,14 @@ class ChatSession:
                 await asyncio.shield(self.writing)
             except Exception as exc:  # noqa: BLE001 - any transport failure means the peer is gone
                 log.debug("%s: write failed: %r", self.id, exc, extra=self.log_extra)
-                self._end = CLIENT_GONE
+                self._client_gone = True
                 raise _Ended from None
 
     # -- reader -----------------------------------------------------------------
     async def _read(self, requests: AsyncIterator[pb.ConverseRequest | Undecodable]) -> None:
         async for request in requests:
             self._last_request = time.monotonic()
-            if self._end is not None:
+            if self.outbox.end is not None:
                 continue  # the stream is ending: read on so the client is not blocked, ignore
             if isinstance(request, Undecodable):
                 self.end(request.error())
@@ -526,7 +529,7 @@ class ChatSession:
             return
         if self._speculative or self.current or not self._turns.empty() or self._pending_text:
             return
-        if self._draining or self._end is not None or not len(audio):
+        if self._draining or self.outbox.end is not None or not len(audio):
             return
         if self.engine.stats.waiting:
             return  # the model is saturated: a speculative row would take a committed turn's place
@@ -697,12 +700,13 @@ class ChatSession:
         while True:
             await asyncio.sleep(_WATCHDOG_TICK_S)
             now = time.monotonic()
-            if self._end is None and self.outbox.end is not None:
-                # the outbox ended the stream itself (too many events wait for a client that does not read)
-                self._end, self._end_deadline = self.outbox.end, now + _END_GRACE_S
-                if self.current is not None:
-                    self.current.stop(pb.RESPONSE_STATUS_CANCELLED, self._end.details)
-            if self._end is not None:
+            ending = self.outbox.end
+            if ending is not None:
+                if not self._end_deadline:
+                    # the outbox ended the stream itself (too many events wait for a client that does not read)
+                    self._end_deadline = now + _END_GRACE_S
+                    if self.current is not None:
+                        self.current.stop(pb.RESPONSE_STATUS_CANCELLED, ending.details)
                 if now >= self._end_deadline:
                     raise _Ended  # the client does not read its end: cut the call
                 continue

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Iterable
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 
 import numpy as np
 
+from service.backends.base import AudioFrame, EndReason, TextToken
+from service.backends.engine import RequestHandle
 from voicechat.v1 import voicechat_pb2 as pb
 
 Request = pb.ConverseRequest | float  # a float means: wait that many seconds
@@ -116,3 +120,70 @@ def open_stream(stub, first: pb.ConverseRequest):
 
     queue.put_nowait(first)
     return stub.Converse(reqs()), queue
+
+
+async def wait_until(condition: Callable[[], bool], within: float = 5.0) -> None:
+    """Poll server state (it has no event to await) every 20 ms until `condition` holds."""
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+STEP_WAIT_S = 120  # longest wait for an engine request in tests (the tiny model on a loaded CPU)
+
+
+class StepCollector:
+    """An engine StepSink that collects one request's output. `on_step(n)` runs
+    on the engine thread after the n-th step; `abort_after` aborts the request there."""
+
+    def __init__(self, on_step: Callable[[int], None] | None = None, abort_after: int | None = None) -> None:
+        self.items: list[TextToken | AudioFrame] = []
+        self.reason: EndReason | None = None
+        self.error: BaseException | None = None
+        self.finished_calls = 0
+        self.started_calls = 0
+        self.done = threading.Event()
+        self._on_step = on_step
+        self._abort_after = abort_after
+        self._handle: RequestHandle | None = None
+        self._has_handle = threading.Event()
+
+    def set_handle(self, handle: RequestHandle) -> None:
+        self._handle = handle
+        self._has_handle.set()
+
+    def started(self, ts_ms: float) -> None:
+        self.started_calls += 1
+
+    def steps(self, items: Sequence[TextToken | AudioFrame], ts_ms: float) -> None:
+        self.items.extend(items)
+        if self._on_step is not None:
+            self._on_step(len(self.items))
+        if self._abort_after is not None and len(self.items) == self._abort_after:
+            assert self._has_handle.wait(10)
+            assert self._handle is not None
+            self._handle.abort()
+
+    def finished(self, reason: EndReason | None, error: BaseException | None) -> None:
+        self.finished_calls += 1
+        self.reason, self.error = reason, error
+        self.done.set()
+
+    def wait(self) -> StepCollector:
+        assert self.done.wait(STEP_WAIT_S), "the request never finished"
+        return self
+
+    @property
+    def values(self) -> list[object]:
+        return [
+            (s.token_id, s.text) if isinstance(s, TextToken) else tuple(int(c) for c in s.codes) for s in self.items
+        ]
+
+    @property
+    def kinds(self) -> str:
+        return "".join("T" if isinstance(s, TextToken) else "A" for s in self.items)
+
+    @property
+    def text(self) -> str:
+        return "".join(s.text for s in self.items if isinstance(s, TextToken))

@@ -8,8 +8,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import re
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from types import TracebackType
 
 import grpc
@@ -18,7 +17,7 @@ import pytest
 
 from service.session import ChatSession
 from tests.conftest import StartServer
-from tests.helpers import collect_until, config, requests, text
+from tests.helpers import collect_until, config, requests, text, wait_until
 from voicechat.v1 import voicechat_pb2 as pb
 from voicechat.v1 import voicechat_pb2_grpc as pb_grpc
 
@@ -62,14 +61,6 @@ class RssPeak:
         self._peak = max(self._peak, self._process.memory_info().rss)
 
 
-async def _until(condition: Callable[[], bool], within: float) -> None:
-    # server state has no event to await: look at it every 20 ms
-    deadline = time.monotonic() + within
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
-
-
 async def _warm_up(stub: pb_grpc.VoiceChatServiceStub) -> None:
     """One normal conversation, so pools and caches exist before a baseline."""
     call = stub.Converse(requests([config(), text("#frames=10 warm up")]))
@@ -82,7 +73,7 @@ async def test_slow_readers_keep_server_memory_bounded(start_server: StartServer
     running = await start_server()
     servicer = running.server.servicer
     await _warm_up(running.stub)
-    await _until(lambda: servicer.admission.active == 0, 5)
+    await wait_until(lambda: servicer.admission.active == 0, 5)
     channels = [_slow_channel(running.target) for _ in range(4)]
     async with RssPeak() as rss:
         calls = [
@@ -90,7 +81,7 @@ async def test_slow_readers_keep_server_memory_bounded(start_server: StartServer
             for c in channels
         ]
         # each reply fails once 20 s of its audio wait for the reader (the outbox's bound)
-        await _until(
+        await wait_until(
             lambda: (
                 len(servicer.sessions) == 4
                 and all(s.response_count == 1 and s.current is None for s in servicer.sessions)
@@ -119,7 +110,7 @@ async def test_a_flood_of_failing_requests_keeps_memory_bounded_and_the_session_
     running = await start_server()
     servicer = running.server.servicer
     await _warm_up(running.stub)
-    await _until(lambda: servicer.admission.active == 0, 5)
+    await wait_until(lambda: servicer.admission.active == 0, 5)
     flooded, go_on = asyncio.Event(), asyncio.Event()
 
     async def flood() -> AsyncIterator[pb.ConverseRequest]:
@@ -163,12 +154,12 @@ async def test_a_client_that_takes_turns_and_never_reads_is_ended(start_server: 
     running = await start_server(max_pending_audio_ms=2000)
     servicer = running.server.servicer
     await _warm_up(running.stub)
-    await _until(lambda: servicer.admission.active == 0, 5)
+    await wait_until(lambda: servicer.admission.active == 0, 5)
     sessions: list[ChatSession] = []
 
     async def turns() -> AsyncIterator[pb.ConverseRequest]:
         yield config()
-        await _until(lambda: bool(servicer.sessions), 5)
+        await wait_until(lambda: bool(servicer.sessions), 5)
         session = next(iter(servicer.sessions))
         sessions.append(session)
         for i in range(1, 2000):
@@ -176,19 +167,19 @@ async def test_a_client_that_takes_turns_and_never_reads_is_ended(start_server: 
                 break
             yield text(f"#frames=1 turn {i}")
             # one turn at a time, so that none is refused: each one queues its events
-            await _until(lambda n=i: session.response_count >= n or session.outbox.ended.is_set(), 10)  # type: ignore[misc]
+            await wait_until(lambda n=i: session.response_count >= n or session.outbox.ended.is_set(), 10)  # type: ignore[misc]
         await asyncio.sleep(30)
 
     channel = _slow_channel(running.target)
     call = pb_grpc.VoiceChatServiceStub(channel).Converse(turns())
     async with RssPeak() as rss:
-        await _until(lambda: bool(sessions) and sessions[0].outbox.overflowed, 30)
+        await wait_until(lambda: bool(sessions) and sessions[0].outbox.overflowed, 30)
     session = sessions[0]
     print(f"{session.response_count} turns unread: server RSS grew by {rss.grown_mb:.1f} MiB")
     assert session.outbox.high_water <= 1024 and len(session.outbox) <= 1
     assert rss.grown_mb < 32
     # the stream ends with RESOURCE_EXHAUSTED and the slot comes back, though the client reads nothing
-    await _until(lambda: servicer.admission.active == 0, 10)
+    await wait_until(lambda: servicer.admission.active == 0, 10)
     with pytest.raises(grpc.aio.AioRpcError) as info:
         async for _ in call:
             pass
@@ -215,10 +206,10 @@ async def test_a_client_that_never_reads_loses_its_slot_at_the_limit(
     # a reply of 3.2 s (150 KB of audio) that is generated at once, far more than
     # the client's window: the writer is stuck in a write when the limit comes
     call = pb_grpc.VoiceChatServiceStub(channel).Converse(requests([config(), text("#frames=40 never read")]))
-    await _until(lambda: any(s.response_count == 1 and s.current is None for s in servicer.sessions), 5)
+    await wait_until(lambda: any(s.response_count == 1 and s.current is None for s in servicer.sessions), 5)
     assert admission.active == 1 and all(len(s.outbox) > 20 for s in servicer.sessions)
     # the limit is 1-2 s away; the slot must come back within a few seconds after it
-    await _until(lambda: admission.active == 0, 12)
+    await wait_until(lambda: admission.active == 0, 12)
     with pytest.raises(grpc.aio.AioRpcError) as info:
         async for _ in call:
             pass

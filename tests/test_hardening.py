@@ -16,15 +16,19 @@ import pytest
 from service.backends.scripted import ScriptedBackend, ScriptedDecoder
 from service.session import ChatSession
 from tests.conftest import StartServer
-from tests.helpers import collect_until, commit, config, kinds, manual_config, open_stream, requests, text, tone
+from tests.helpers import (
+    collect_until,
+    commit,
+    config,
+    kinds,
+    manual_config,
+    open_stream,
+    requests,
+    text,
+    tone,
+    wait_until,
+)
 from voicechat.v1 import voicechat_pb2 as pb
-
-
-async def _wait_for(predicate, within: float = 5.0) -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
 
 
 async def test_a_crashed_session_task_ends_the_stream_with_internal(
@@ -48,7 +52,7 @@ async def test_a_crashed_session_task_ends_the_stream_with_internal(
             assert "0xdeadbeef" not in failure.value.details() and "RuntimeError" not in failure.value.details()
     crashes = [r for r in caplog.records if "session task failed" in r.getMessage()]
     assert len(crashes) == rounds and all(r.exc_info is not None for r in crashes)
-    await _wait_for(lambda: running.server.servicer.admission.active == 0)
+    await wait_until(lambda: running.server.servicer.admission.active == 0)
 
 
 async def test_a_client_that_goes_away_is_logged_as_such(
@@ -61,7 +65,7 @@ async def test_a_client_that_goes_away_is_logged_as_such(
             if event.WhichOneof("event") == "audio_chunk":
                 break
         call.cancel()
-        await _wait_for(lambda: not running.server.servicer.sessions)
+        await wait_until(lambda: not running.server.servicer.sessions)
     ended = [r.getMessage() for r in caplog.records if " ended after " in r.getMessage()]
     assert len(ended) == 1 and ended[0].endswith("client went away")
 
@@ -69,7 +73,7 @@ async def test_a_client_that_goes_away_is_logged_as_such(
 async def test_generate_in_flight_is_drained(start_server: StartServer) -> None:
     running = await start_server(scripted_step_ms=10)
     generate = asyncio.ensure_future(running.stub.Generate(pb.GenerateRequest(text="#frames=80 a long answer")))
-    await _wait_for(lambda: running.server.servicer.admission.active == 1)
+    await wait_until(lambda: running.server.servicer.admission.active == 1)
     await running.server.stop(10)
     reply = await generate
     assert reply.status == pb.RESPONSE_STATUS_COMPLETED and reply.audio_ms == 80 * 80
@@ -83,7 +87,7 @@ async def test_a_stream_waiting_for_its_config_is_ended_by_drain(start_server: S
         yield await queue.get()
 
     call = running.stub.Converse(nothing())
-    await _wait_for(lambda: running.server.servicer.admission.active == 1)
+    await wait_until(lambda: running.server.servicer.admission.active == 1)
     started = time.monotonic()
     stopping = asyncio.ensure_future(running.server.stop(5))
     with pytest.raises(grpc.aio.AioRpcError) as failure:
@@ -161,7 +165,7 @@ async def test_a_decoder_is_closed_only_after_its_last_decode(start_server: Star
             if event.WhichOneof("event") == "audio_chunk":
                 break
         call.cancel()  # mid-decode: the decoder is busy for 50 ms per batch
-    await _wait_for(lambda: _WatchedDecoder.closes >= 3 and not running.server.servicer.sessions)
+    await wait_until(lambda: _WatchedDecoder.closes >= 3 and not running.server.servicer.sessions)
     assert _WatchedDecoder.overlaps == 0
 
 

@@ -26,7 +26,6 @@ import torch
 from service.backends.base import (
     END_OF_AUDIO_CODE,
     AssistantTurn,
-    AudioFrame,
     EndReason,
     Finished,
     GenerateMode,
@@ -37,73 +36,22 @@ from service.backends.engine import (
     ConversationRef,
     Engine,
     GenerationRequest,
-    RequestHandle,
     ThreadedEngine,
     UserTurn,
 )
 from service.backends.lfm2 import AUDIO_START, IM_END, TEXT_END, LFM2Backend
 from service.backends.lfm2_engine import BatchedLFM2Engine, sample_frames, sample_rows
+from tests.helpers import STEP_WAIT_S
+from tests.helpers import StepCollector as Sink
 
 pytest_plugins = ["tests.lfm2_fixtures"]
 
 GREEDY = Sampling(text_temperature=0.0, text_top_k=0, audio_temperature=0.0, audio_top_k=0, max_new_tokens=30)
-WAIT_S = 120
+WAIT_S = STEP_WAIT_S
 
 
 def noise(seconds: float, seed: int = 0) -> np.ndarray:
     return (np.random.default_rng(seed).standard_normal(int(seconds * 16_000)) * 0.1).astype(np.float32)
-
-
-class Sink:
-    """Collects one request's output. `on_step(n)` runs on the engine thread
-    after the n-th step; `abort_after` aborts the request there."""
-
-    def __init__(self, on_step: Callable[[int], None] | None = None, abort_after: int | None = None) -> None:
-        self.items: list[TextToken | AudioFrame] = []
-        self.reason: EndReason | None = None
-        self.error: BaseException | None = None
-        self.finished_calls = 0
-        self.started_calls = 0
-        self.done = threading.Event()
-        self._on_step = on_step
-        self._abort_after = abort_after
-        self._handle: RequestHandle | None = None
-        self._has_handle = threading.Event()
-
-    def set_handle(self, handle: RequestHandle) -> None:
-        self._handle = handle
-        self._has_handle.set()
-
-    def started(self, ts_ms: float) -> None:
-        self.started_calls += 1
-
-    def steps(self, items: Sequence[TextToken | AudioFrame], ts_ms: float) -> None:
-        self.items.extend(items)
-        if self._on_step is not None:
-            self._on_step(len(self.items))
-        if self._abort_after is not None and len(self.items) == self._abort_after:
-            assert self._has_handle.wait(10)
-            assert self._handle is not None
-            self._handle.abort()
-
-    def finished(self, reason: EndReason | None, error: BaseException | None) -> None:
-        self.finished_calls += 1
-        self.reason, self.error = reason, error
-        self.done.set()
-
-    def wait(self) -> Sink:
-        assert self.done.wait(WAIT_S), "the request never finished"
-        return self
-
-    @property
-    def values(self) -> list[object]:
-        return [
-            (s.token_id, s.text) if isinstance(s, TextToken) else tuple(int(c) for c in s.codes) for s in self.items
-        ]
-
-    @property
-    def kinds(self) -> str:
-        return "".join("T" if isinstance(s, TextToken) else "A" for s in self.items)
 
 
 @dataclass

@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.backends import scripted
 from tests.conftest import Running, StartServer
-from tests.helpers import collect_until, config, kinds, requests, response_audio, text
+from tests.helpers import collect_until, config, kinds, requests, response_audio, text, wait_until
 from voicechat.v1 import voicechat_pb2 as pb
 from voicechat.v1 import voicechat_pb2_grpc as pb_grpc
 
@@ -26,11 +26,6 @@ def _session_tasks() -> list[asyncio.Task]:
     return [t for t in asyncio.all_tasks() if t.get_name().startswith("sess_")]
 
 
-async def _wait_for(predicate, within: float = 5.0) -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
 
 
 async def test_cancel_response_mid_generation(start_server: StartServer) -> None:
@@ -100,7 +95,7 @@ async def test_client_vanishing_mid_response_frees_everything(start_server: Star
     assert servicer.admission.active == 1 and len(_session_tasks()) == 4  # reader, responder, watchdog, writer
     started = time.monotonic()
     call.cancel()
-    await _wait_for(lambda: servicer.admission.active == 0 and not servicer.sessions and not _session_tasks())
+    await wait_until(lambda: servicer.admission.active == 0 and not servicer.sessions and not _session_tasks())
     freed_after = time.monotonic() - started
     assert freed_after < 2.0
     # the model thread stopped too: no thread is still generating
@@ -108,7 +103,7 @@ async def test_client_vanishing_mid_response_frees_everything(start_server: Star
     # and after stop no engine, generation or decode thread is left
     await running.server.stop(0)
     workers = ("engine", "generate", "decode", "turns", "lfm2-engine")
-    await _wait_for(lambda: not [t.name for t in threading.enumerate() if t.name.startswith(workers)])
+    await wait_until(lambda: not [t.name for t in threading.enumerate() if t.name.startswith(workers)])
 
 
 async def test_trace_off_sends_no_metrics_and_trace_on_sends_them(start_server: StartServer) -> None:

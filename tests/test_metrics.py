@@ -6,16 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import threading
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
 
 import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.backends.base import AudioFrame, EndReason, TextToken
 from service.backends.engine import GenerationRequest, ThreadedEngine, UserTurn
 from service.backends.scripted import ScriptedBackend
 from service.config import Settings
@@ -30,7 +27,7 @@ from service.metrics import (
 )
 from service.server import VoiceChatServer
 from tests.conftest import StartServer
-from tests.helpers import audio, commit, kinds, manual_config, requests, text, tone
+from tests.helpers import StepCollector, audio, commit, kinds, manual_config, requests, text, tone
 from voicechat.v1 import voicechat_pb2 as pb
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -174,24 +171,6 @@ def test_sessions_errors_health() -> None:
 # -- the engine collector ------------------------------------------------------------------
 
 
-class CollectingSink:
-    """A StepSink that keeps the steps and says when the request finished."""
-
-    def __init__(self) -> None:
-        self.received: list[TextToken | AudioFrame] = []
-        self.done = threading.Event()
-
-    def started(self, ts_ms: float) -> None:
-        pass
-
-    def steps(self, items: Sequence[TextToken | AudioFrame], ts_ms: float) -> None:
-        self.received.extend(items)
-
-    def finished(self, reason: EndReason | None, error: BaseException | None) -> None:
-        assert error is None, error
-        self.done.set()
-
-
 def test_engine_figures_are_read_when_scraped() -> None:
     backend = ScriptedBackend()
     backend.load()
@@ -204,13 +183,13 @@ def test_engine_figures_are_read_when_scraped() -> None:
         samples = local(metrics)
         assert value(samples, "voicechat_engine_steps_total") == 0
         assert value(samples, "voicechat_engine_waiting_turns") == 0
-        sink = CollectingSink()
+        sink = StepCollector()
         ref = engine.open("")
         engine.submit(GenerationRequest(ref, UserTurn(text="hello #frames=3"), backend.default_sampling()), sink)
-        assert sink.done.wait(30)
+        assert sink.wait().error is None
         samples = local(metrics)
-        assert value(samples, "voicechat_engine_steps_total") == engine.stats.steps == len(sink.received) > 3
-        assert value(samples, "voicechat_engine_rows_total") == engine.stats.rows == len(sink.received)
+        assert value(samples, "voicechat_engine_steps_total") == engine.stats.steps == len(sink.items) > 3
+        assert value(samples, "voicechat_engine_rows_total") == engine.stats.rows == len(sink.items)
         assert value(samples, "voicechat_engine_running") == 0
         assert value(samples, "voicechat_engine_waiting_turns") == 0
     finally:

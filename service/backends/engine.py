@@ -34,7 +34,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
@@ -118,7 +118,6 @@ class RequestHandle:
 
     def __init__(self, request: GenerationRequest) -> None:
         self.request = request
-        self.submitted_ms = now_ms()
         self.stop = threading.Event()
         self._cond = threading.Condition()
         self._paused = False
@@ -159,12 +158,6 @@ class EngineStats:
     rows: int = 0  # rows advanced, summed over steps
     waiting: int = 0  # requests waiting for a place in the batch now
     running: int = 0  # requests generating now
-    wait_ms: list[float] = field(default_factory=list)  # recent waits for a place (bounded)
-
-    def record_wait(self, ms: float) -> None:
-        self.wait_ms.append(ms)
-        if len(self.wait_ms) > 1024:
-            del self.wait_ms[:512]
 
 
 class TextStream:
@@ -349,7 +342,6 @@ class ThreadedEngine(Engine):
                     return  # close() already finished it
                 self.stats.waiting -= 1
                 self.stats.running += 1
-            self.stats.record_wait(now_ms() - handle.submitted_ms)
             try:
                 state = request.conversation.state
                 if state is None:

@@ -514,7 +514,6 @@ class BatchedLFM2Engine(Engine):
         """Give a request its row: add the user turn and open the response."""
         handle = request.handle
         self._unwait()
-        self.stats.record_wait(now_ms() - handle.submitted_ms)
         state = lane.ref.state
         assert isinstance(state, LFM2Conversation)
         row = _Row(lane, request, state, self._lfm2)
