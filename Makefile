@@ -5,10 +5,14 @@
 #   make test    set up everything and run the test suite
 #   make check   lint (ruff, mypy, buf) and stub drift
 #   make bench   quick latency benchmark, tuned pipeline vs the old baseline
+#   make lock    re-resolve requirements.lock (ARGS="-P name" upgrades one package)
+#   make check-upgrades  run the model tests on the newest releases the constraints allow
 
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# the lock's uv pin (tests/test_lock.py keeps them equal)
+UV_VERSION := 0.13.9
 PORT ?= 50051
 ARGS ?=
 STAMP := $(VENV)/.installed
@@ -16,21 +20,31 @@ PROTO := proto/voicechat/v1/voicechat.proto
 STUBS := voicechat/v1/voicechat_pb2.py voicechat/v1/voicechat_pb2_grpc.py voicechat/v1/voicechat_pb2.pyi
 
 .PHONY: help venv system-deps node-deps proto run serve-scripted demo talk download test check bench \
-        deploy modal-download modal-url tiny-model clean
+        deploy modal-download modal-url tiny-model clean lock check-upgrades
 
 help:
 	@sed -n 's/^#   //p' Makefile
 
 # -- set-up -----------------------------------------------------------------------
-$(STAMP): pyproject.toml
+# The venv holds exactly requirements.lock (`uv pip sync` removes anything else) plus this project, editable.
+$(STAMP): requirements.lock pyproject.toml
 	@PY312=$$(scripts/find_python.sh) || exit 1; \
 	  [ -x $(PY) ] || { echo "creating $(VENV) with $$PY312"; $$PY312 -m venv $(VENV); }
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[model,client,deploy,dev]'
-	$(PY) -m pip install -q --no-deps pipecat-ai==1.14.0  # Smart Turn v3.2: see pyproject.toml
+	$(PY) -m pip install -q uv==$(UV_VERSION)
+	VIRTUAL_ENV=$(VENV) $(VENV)/bin/uv pip sync -q --require-hashes requirements.lock
+	VIRTUAL_ENV=$(VENV) $(VENV)/bin/uv pip install -q --no-deps -e .
 	@touch $@
 
 venv: $(STAMP)
+
+# Re-resolve requirements.lock from pyproject.toml, keeping today's pins where allowed; ARGS="-P name" upgrades
+# one package, ARGS=--upgrade all of them. Commit the lock with the change that needed it.
+lock: $(STAMP)
+	UV=$(VENV)/bin/uv scripts/lock.sh $(ARGS)
+
+# Drift check: a throwaway venv with the newest releases pyproject.toml allows, running the model tests there.
+check-upgrades: $(STAMP)
+	UV=$(VENV)/bin/uv scripts/check_upgrades.sh $(ARGS)
 
 system-deps:
 	@scripts/system_deps.sh
