@@ -40,7 +40,6 @@ greedy, and requires identical tokens and frames.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import threading
@@ -55,6 +54,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench import results  # noqa: E402
 from bench.gpu import ensure_model  # noqa: E402
 from bench.lfm2_steps import cpu_name  # noqa: E402
 from service.backends.base import AssistantTurn, AudioFrame, EndReason, Sampling, TextToken  # noqa: E402
@@ -206,6 +206,14 @@ def _s(value: float | None) -> str:
 
 
 def table(points: Sequence[Point]) -> str:
+    header, rows = table_rows(points)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(header, widths, strict=True)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(lines)
+
+
+def table_rows(points: Sequence[Point]) -> tuple[list[str], list[list[str]]]:
     levels = sorted({p.conversations for p in points})
     by = {(p.engine, p.conversations): p for p in points}
     header = ["concurrent conversations", *map(str, levels)]
@@ -220,10 +228,7 @@ def table(points: Sequence[Point]) -> str:
         row(f"{engine}: end of turn -> first audio p50 / max (s)", engine,
             lambda p: f"{_sec(p.first_audio_ms_p50)} / {_sec(p.first_audio_ms_max)}")  # fmt: skip
     rows.append(["batched / serial, steps/s in all", *(_ratio(by, n) for n in levels)])
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(header, widths, strict=True)), "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join(lines)
+    return header, rows
 
 
 def _sec(ms: float | None) -> str:
@@ -283,6 +288,12 @@ def measure_decode(backend: LFM2Backend, levels: Sequence[int], frames: int, cal
               f"{point['call_ms_p50']} ms per call p50, {point['audio_s_per_s']} s of audio per second in all",
               flush=True)  # fmt: skip
     return out
+
+
+def decode_rows(decode: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    header = ["responses decoding at once", *(str(d["responses"]) for d in decode)]
+    return header, [["ms per call p50", *(f"{d['call_ms_p50']}" for d in decode)],
+                    ["seconds of audio decoded per second, all", *(f"{d['audio_s_per_s']}" for d in decode)]]  # fmt: skip
 
 
 # -- equality check ---------------------------------------------------------------------------
@@ -406,9 +417,10 @@ def main(argv: Sequence[str] | None = None) -> int:
               "steps": args.steps, "utterance_s": args.utterance_s, "prefill_chunk": args.prefill_chunk,
               "points": [p.__dict__ for p in points], "decode": decode}  # fmt: skip
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        tables = [results.table("Batched vs serial engine", *table_rows(points))]
+        if decode:
+            tables.append(results.table(f"Per-response decoding, {args.decode_frames}-frame calls", *decode_rows(decode)))
+        results.write(args.json, report, "bench.engine", argv, tables, device=f"{device} ({name})")
     backend.close()
     return 0
 

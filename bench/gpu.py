@@ -39,6 +39,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench import results
 from bench.load import REPO, LoadPlan, RunResult, ServerProcess, percentiles, run_load
 from bench.speech import padded, utterance
 
@@ -174,6 +175,14 @@ def _f(value: float | None, digits: int = 1) -> str:
 
 
 def table(levels: Sequence[dict[str, Any]]) -> str:
+    header, cells = table_rows(levels)
+    widths = [max(len(r[i]) for r in [header, *cells]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(header, widths, strict=True)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join(lines)
+
+
+def table_rows(levels: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     header = ["concurrent conversations", *(str(x["concurrency"]) for x in levels)]
     rows = [
         ("prefill, 3 s utterance (ms) p50", lambda x: _f(x["prefill_ms"]["p50"])),
@@ -198,11 +207,7 @@ def table(levels: Sequence[dict[str, Any]]) -> str:
         ("errors", lambda x: str(x["errors"])),
         ("server CPU % / RSS MB", lambda x: f"{_f(x['server_cpu_pct'])} / {_f(x['server_rss_mb'], 0)}"),
     ]
-    cells = [[name, *(fmt(x) for x in levels)] for name, fmt in rows]
-    widths = [max(len(r[i]) for r in [header, *cells]) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(header, widths, strict=True)), "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
-    return "\n".join(lines)
+    return header, [[name, *(fmt(x) for x in levels)] for name, fmt in rows]
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -308,9 +313,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     report = asyncio.run(run(args))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}")
+        tables = [results.table(f"The server under load, {report['size']} model, {report['engine']} engine",
+                                *table_rows(report["levels"]))]  # fmt: skip
+        for part in ("model_steps", "engine_bench"):  # their own tables, run on the same device
+            tables += (report[part] or {}).get("tables", [])
+        results.write(args.json, report, "bench.gpu", argv, tables, device=args.device)
     return 1 if any(level["errors"] for level in report["levels"]) else 0
 
 

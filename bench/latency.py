@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import sys
@@ -24,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench import results
 from bench.load import LoadPlan, RunResult, ServerProcess, run_load, scripted_args
 from bench.speech import duration_ms, utterance
 from voicechat.v1 import voicechat_pb2 as pb
@@ -100,6 +100,10 @@ def _ratio(base: float | None, ours: float | None) -> str:
 def comparison_table(tuned: dict[str, Any], baseline: dict[str, Any]) -> str:
     """Tuned and baseline side by side; the last column is baseline / tuned at p50
     (above 1: tuned is lower)."""
+    return _format(*comparison_rows(tuned, baseline))
+
+
+def comparison_rows(tuned: dict[str, Any], baseline: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     rows: list[tuple[str, str, str, str]] = []
 
     def pct_row(name: str, key: str) -> None:
@@ -137,8 +141,8 @@ def comparison_table(tuned: dict[str, Any], baseline: dict[str, Any]) -> str:
                  f"{_f(tuned['server_cpu_pct'])} / {_f(tuned['server_rss_mb'], 0)}",
                  f"{_f(baseline['server_cpu_pct'])} / {_f(baseline['server_rss_mb'], 0)}", ""))
     rows.append(("client CPU %", _f(tuned["client_cpu_pct"]), _f(baseline["client_cpu_pct"]), ""))
-    header = ("metric", "tuned p50 / p95 / p99", "baseline p50 / p95 / p99", "baseline/tuned")
-    return _format(header, rows)
+    header = ["metric", "tuned p50 / p95 / p99", "baseline p50 / p95 / p99", "baseline/tuned"]
+    return header, [list(r) for r in rows]
 
 
 def _format(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -321,13 +325,41 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def report_tables(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The tables docs/benchmarks.md publishes from a report."""
+    if report["mode"] == "scale":
+        steps = report["steps"]
+
+        def row(name: str, cell: Any) -> list[str]:
+            return [name, *(cell(s) for s in steps)]
+
+        def pcts(key: str, a: str, b: str) -> Any:
+            return lambda s: f"{_f(s[key][a])} / {_f(s[key][b])}"
+
+        rows = [
+            row("server overhead p50 / p99 (ms)", pcts("server_overhead_ms", "p50", "p99")),
+            row("model step -> received p99 (ms)", lambda s: _f(s["step_to_receive_ms"]["p99"])),
+            row("underruns", lambda s: str(s["underruns"])),
+            row("first audio p50 / p99 (ms)", pcts("first_audio_ms", "p50", "p99")),
+            row("server CPU % / RSS MB", lambda s: f"{_f(s['server_cpu_pct'])} / {_f(s['server_rss_mb'], 0)}"),
+            row("load generator CPU %", lambda s: _f(s["client_cpu_pct"])),
+            row("verdict", lambda s: "fail: " + "; ".join(s["fail_reasons"]) if s["fail_reasons"] else "pass"),
+        ]
+        columns = ["conversations", *(str(s["settings"]["conversations"]) for s in steps)]
+        return [results.table("Concurrent real-time conversations", columns, rows)]
+    runs = report["runs"]
+    tables = [results.table("Tuned vs baseline pipeline", *comparison_rows(runs["tuned"], runs["baseline"]))]
+    tables.append(results.table("Against the targets", ["target", "measured", ""],
+                                [[t["target"], f"{_f(t['value'], 2)} {t['unit']}", "met" if t["met"] else "NOT MET"]
+                                 for t in report["targets"]]))  # fmt: skip
+    return tables
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     report = asyncio.run(scale(args) if args.scale else compare(args))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}")
+        results.write(args.json, report, "bench.latency", argv, report_tables(report))
     return 0
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import threading
@@ -39,6 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.results import cpu_name, table, write  # noqa: E402
 from service.backends.base import AssistantTurn, AudioDecoder, Finished, Sampling, TextToken  # noqa: E402
 from service.backends.lfm2 import LFM2Backend  # noqa: E402
 from service.backends.lfm2_decode import MimiDecoder, MimiPool  # noqa: E402
@@ -54,16 +54,6 @@ def _median(values: list[float]) -> float:
 
 def _utterance(seconds: float, seed: int) -> np.ndarray:
     return (np.random.default_rng(seed).standard_normal(int(seconds * 16_000)) * 0.1).astype(np.float32)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _sync(backend: LFM2Backend) -> None:
@@ -233,11 +223,26 @@ def main(argv: list[str] | None = None) -> int:
     for on, off in zip(report["turns"]["cached"], report["turns"]["uncached"], strict=True):
         print(f"    {on['turn']:>4}  {on['history']:>7}  {on['prefill_positions']:>9}  {on['prefill_ms']:>7}  | "
               f"{off['prefill_positions']:>9}  {off['prefill_ms']:>7}")  # fmt: skip
-    text = json.dumps(report, indent=2)
-    print(text)
+    print(json.dumps(report, indent=2))
     if args.json:
-        args.json.write_text(text + "\n")
+        write(args.json, report, "bench.lfm2_steps", argv, [steps_table(report)], device=report["device_name"])
     return 0
+
+
+def steps_table(report: dict[str, Any]) -> dict[str, Any]:
+    g, d, turns = report["generation"], report["decode_ms"], report["turns"]
+    rows = [
+        [f"prefill, {g['utterance_s']:g} s utterance", f"{g['prefill_ms']} ms"],
+        ["text step", f"{g['text_step_ms']} ms"],
+        ["audio frame (80 ms of audio)", f"{g['audio_frame_ms']} ms"],
+    ]
+    rows += [[f"{name} decode, 1 / 4 / 16 frames", f"{d[name]['1']} / {d[name]['4']} / {d[name]['16']} ms"]
+             for name in ("detokenizer", "mimi") if name in d]  # fmt: skip
+    on, off = turns["cached"][-1], turns["uncached"][-1]
+    rows.append([f"turn {on['turn']} prefill, {on['history']} positions of history",
+                 f"{on['prefill_ms']} ms with the prefix cache, {off['prefill_ms']} ms without"])  # fmt: skip
+    title = f"Per-step costs, {report['params_millions']} M parameters, {report['dtype']}"
+    return table(title, ["", report["device_name"]], rows)
 
 
 if __name__ == "__main__":

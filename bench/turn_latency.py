@@ -13,7 +13,7 @@ Targets at 15 ms per step: server VAD with speculation answers within 15 ms of
 the commit (so about 630 ms after the end of speech at the default 500 ms
 silence); semantic mode <= 350 ms p50 on these complete sentences.
 
-    python -m bench.turn_latency [--conversations 10] [--turns 3] [--step-ms 15]
+    python -m bench.turn_latency [--conversations 10] [--turns 3] [--step-ms 15] [--json FILE]
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+from bench import results
 from bench.latency import UTTERANCES
 from bench.load import LoadPlan, ServerProcess, run_load, scripted_args
 from bench.speech import utterance
@@ -85,8 +87,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--turns", type=int, default=3)
     parser.add_argument("--step-ms", type=float, default=15.0, help="scripted backend delay per model step")
     parser.add_argument("--prefill-ms", type=float, default=0.0, help="scripted backend delay before the first step")
-    out = asyncio.run(run(parser.parse_args(argv)))
+    parser.add_argument("--json", type=Path, help="write every figure to this file")
+    args = parser.parse_args(argv)
+    out = asyncio.run(run(args))
+    if args.json:
+        results.write(args.json, out, "bench.turn_latency", argv, [modes_table(out)])
     return 0 if all(out["targets"].values()) else 1
+
+
+def modes_table(out: dict[str, Any]) -> dict[str, Any]:
+    def p2(s: dict[str, Any], key: str) -> str:
+        return f"{_f(s[key]['p50'])} / {_f(s[key]['p95'])}"
+
+    rows = [[label, p2(s, "commit_ms"), p2(s, "commit_to_first_audio_ms"), p2(s, "first_audio_ms")]
+            for label, s in out["runs"].items()]  # fmt: skip
+    columns = ["mode", "end of speech -> commit", "commit -> first audio", "end of speech -> first audio"]
+    return results.table("End of speech to first audio by mode (p50 / p95, ms)", columns, rows)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ models: 16 kHz PCM16 in 20 ms chunks, each chunk arriving once it has been recor
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -39,6 +38,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 
+from bench.results import table, write  # noqa: E402
 from bench.speech import duration_ms, utterance  # noqa: E402
 from service.turns import SmartTurnModel, TurnMode, TurnReady, TurnSettings, TurnTracker  # noqa: E402
 
@@ -311,9 +311,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     results["wall_s"] = time.perf_counter() - started
     print(f"\n{results['wall_s']:.0f} s")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2))
+        write(args.json, results, "bench.turns", argv, tables(results))
     return 0
+
+
+def tables(results: dict[str, Any]) -> list[dict[str, Any]]:
+    complete, hesitation, costs = results["complete"], results["hesitation"], results["cost"]
+    vad, sem = complete["server_vad"], complete["semantic"]
+
+    def p3(row: dict[str, Any]) -> str:
+        return f"{_f(row.get('p50'))} / {_f(row.get('p95'))} / {_f(row.get('max'))}"
+
+    n = vad["end_of_speech_to_commit_ms"].get("n", 0)
+    judged = n - len(sem["committed_after_first_judgement"]) - len(sem["held_to_max_silence"]) - len(sem["missed"])
+    early = {k: f"{v['early']} / {v['total']} ({v['rate']:.0%})" for k, v in hesitation.items()}
+    wall, cpu = costs["judgement_wall_ms"], costs["judgement_cpu_ms"]
+    rows = [
+        ["end of speech -> commit", p3(vad["end_of_speech_to_commit_ms"]), p3(sem["end_of_speech_to_commit_ms"])],
+        ["  silence heard before the commit", p3(vad["silence_waited_ms"]), p3(sem["silence_waited_ms"])],
+        ["  with the push on its own core", p3(vad["end_of_speech_to_commit_own_core_ms"]),
+         p3(sem["end_of_speech_to_commit_own_core_ms"])],
+        ["committed at the first judgement / a later one / at max_silence_ms", "",
+         f"{judged} / {len(sem['committed_after_first_judgement'])} / {len(sem['held_to_max_silence'])} of {n}"],
+        ["early commits on hesitation pauses", early["server_vad"], early["semantic"]],
+        ["Smart Turn per judgement, wall / CPU (p50)", "", f"{_f(wall.get('p50'))} / {_f(cpu.get('p50'))} ms"],
+    ]  # fmt: skip
+    title = f"Server VAD vs semantic, load average {results['load_average']:.1f} (p50 / p95 / max, ms)"
+    return [table(title, ["", "server VAD (500 ms)", "semantic (defaults)"], rows)]
 
 
 if __name__ == "__main__":

@@ -1,8 +1,17 @@
-"""Print the README's configuration table from `service.config.Settings`."""
+"""The configuration table of docs/operations.md, from `service.config.Settings`.
 
+    python -m scripts.config_table           # print it
+    python -m scripts.config_table --write   # rewrite its block in docs/operations.md (make docs)
+"""
+
+import sys
 from dataclasses import fields
 
+from scripts import docs_blocks
 from service.config import ENV_PREFIX, Settings
+
+DOC = docs_blocks.ROOT / "docs" / "operations.md"
+SCRIPT = "scripts.config_table"
 
 
 def table() -> str:
@@ -16,4 +25,8 @@ def table() -> str:
 
 
 if __name__ == "__main__":
-    print(table())
+    if sys.argv[1:] == ["--write"]:
+        changed = docs_blocks.write(DOC, SCRIPT, table())
+        print(f"{DOC.relative_to(docs_blocks.ROOT)}: {'updated' if changed else 'up to date'}")
+    else:
+        print(table())
