@@ -35,19 +35,17 @@ the package:
 
 from __future__ import annotations
 
-import inspect
 import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from liquid_audio import ChatState, LFM2AudioDetokenizer, LFM2AudioModel, LFM2AudioProcessor, LFMModality
-from transformers import DynamicCache
 
 from service.backends.base import (
     END_OF_AUDIO_CODE,
@@ -66,7 +64,15 @@ from service.backends.base import (
     TextToken,
     is_end_of_audio,
 )
-from service.backends.lfm2_cache import Position, PrefixCache
+from service.backends.lfm2_cache import (
+    CacheStats,
+    ConversationCache,
+    Position,
+    PrefixCache,
+    StepCache,
+    forward_positions,
+    forward_step,
+)
 from service.backends.lfm2_decode import (
     DetokenizerDecoder,
     MimiDecoder,
@@ -229,7 +235,7 @@ class PrefillPlan:
     """What a turn's prefill runs: the history inputs from `start` on, into
     `cache` (the conversation's own, or a fresh one when `start` is 0)."""
 
-    cache: DynamicCache
+    cache: ConversationCache
     inputs: dict[str, torch.Tensor]
     start: int
     length: int  # history positions once the prefill ran
@@ -250,7 +256,7 @@ class LFM2Conversation(Conversation):
         self._backend = backend
         self.mode = mode
         self._open: str | None = None  # role of the turn left open, if any
-        self.cache: PrefixCache | None = PrefixCache() if backend.prefix_cache else None
+        self.cache: PrefixCache | None = PrefixCache(backend.cache_stats) if backend.prefix_cache else None
         self.last_prefill_positions = 0
         self.last_prefill_ms = 0.0
         with inference(), backend.tokenizer_lock:
@@ -373,7 +379,7 @@ class LFM2Conversation(Conversation):
         audio_t, audio_k = sampler_args(sampling.audio_temperature, sampling.audio_top_k, AUDIO_VOCAB)
         turn = self.response_steps(sampling)
         reason = EndReason.MAX_TOKENS
-        cache: DynamicCache | None = None
+        cache: ConversationCache | None = None
         next_emb: torch.Tensor | None = None  # the embedding of turn.pending
         try:
             while turn.steps_left > 0:
@@ -414,7 +420,7 @@ class LFM2Conversation(Conversation):
             raise
         yield Finished(reason)
 
-    def _prefill(self) -> tuple[DynamicCache, torch.Tensor]:
+    def _prefill(self) -> tuple[ConversationCache, torch.Tensor]:
         """Run the history positions the cache lacks in one pass; return the
         cache and the last position's hidden state. Called under the step lock."""
         started = time.perf_counter()
@@ -433,7 +439,7 @@ class LFM2Conversation(Conversation):
             start, inputs = 0, self._history_from(0)
             assert inputs is not None
         if start == 0:
-            cache = DynamicCache(config=self._backend.model.lfm.config)
+            cache = self._backend.new_cache()
             if self.cache is not None:
                 self.cache.reset()
         else:
@@ -539,6 +545,7 @@ class LFM2Backend(Backend):
         self._decoder_arg = decoder
         self._chat_prompt = system_prompt or CHAT_PROMPT
         self.prefix_cache = prefix_cache
+        self.cache_stats = CacheStats()
         self._label = model
         self._load_lock = threading.Lock()
         self.step_lock = FairLock()
@@ -552,7 +559,6 @@ class LFM2Backend(Backend):
         self._detok: LFM2AudioDetokenizer | None = None
         self._detok_context = 0
         self._mimi_pool: MimiPool | None = None
-        self._cache_kwarg = "past_key_values"
 
     # -- loading ------------------------------------------------------------------
     @property
@@ -608,8 +614,6 @@ class LFM2Backend(Backend):
         except Exception as exc:
             raise BackendLoadError(f"cannot load checkpoint {label} ({folder}): {exc}; if a download was "
                                    f"interrupted, {DOWNLOAD_HINT} again") from exc  # fmt: skip
-        forward_params = inspect.signature(model.lfm.forward).parameters
-        self._cache_kwarg = "cache" if "cache" in forward_params else "past_key_values"
         self._model, self._processor = model, processor
         self.device, self.dtype, self.decoder_kind, self.folder, self._label = device, dtype, decoder, folder, label
         log.info("loaded %s on %s (%s, decoder %s) in %.1f s", label, device, str(dtype).removeprefix("torch."),
@@ -629,22 +633,19 @@ class LFM2Backend(Backend):
         if wrong:
             log.warning("checkpoint %s: unexpected special tokens %s", label, wrong)
 
-    def forward(self, embeddings: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
-        """One backbone pass that extends `cache`; returns the last position's
-        hidden state. Called under `step_lock`."""
-        out = self.model.lfm(inputs_embeds=embeddings, use_cache=True, **{self._cache_kwarg: cache})
-        return out.last_hidden_state[0, -1]
+    def new_cache(self) -> ConversationCache:
+        return ConversationCache(list(self.model.lfm.config.layer_types or ()))
 
-    def forward_rows(self, embeddings: torch.Tensor, cache: Any, positions: torch.Tensor,
-                     mask: torch.Tensor) -> torch.Tensor:  # fmt: skip
-        """One decode step for a batch of rows: `embeddings` (rows, 1, dim),
-        each row at its own `positions` (rows, 1), attending where `mask`
-        (rows, 1, 1, keys) is True, through a batched `cache` (`SlotCache`'s
-        step view). Returns the rows' hidden states (rows, dim)."""
-        masks = {"full_attention": mask, "conv": None}  # conv layers see no padding: one real position per row
-        out = self.model.lfm(inputs_embeds=embeddings, attention_mask=masks, position_ids=positions,
-                             use_cache=True, **{self._cache_kwarg: cache})  # fmt: skip
-        return out.last_hidden_state[:, -1]
+    def forward(self, embeddings: torch.Tensor, cache: ConversationCache) -> torch.Tensor:
+        """One backbone pass of `embeddings` (1, n, dim) that extends `cache`
+        by n positions; returns the last position's hidden state. Called under `step_lock`."""
+        return forward_positions(self.model.lfm, embeddings, cache)[0, -1]
+
+    def forward_rows(self, embeddings: torch.Tensor, step: StepCache) -> torch.Tensor:
+        """One decode step for a batch of rows: `embeddings` (rows, 1, dim)
+        through `step` (`SlotCache`'s view of the rows). Returns the rows'
+        hidden states (rows, dim)."""
+        return forward_step(self.model.lfm, embeddings, step)[:, -1]
 
     def warmup(self) -> None:
         """A short generation and decode on the serial path, then on the

@@ -1,20 +1,20 @@
 """A conversation's model cache, kept across turns, and the batched decode state.
 
-`PrefixCache` is one conversation's cache (attention KV and short-conv state
-in a `DynamicCache`) for a prefix of its history. `SlotCache` holds every
+`ConversationCache` is the cache object handed to transformers' LFM2 layers
+(their protocol: `LAYER_PROTOCOL`). `PrefixCache` keeps one conversation's
+cache for a prefix of its history. `SlotCache` holds every
 generating conversation's cache in one set of batched tensors, a row per
 conversation, for the batched engine's decode steps.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 log = logging.getLogger(__name__)
 
@@ -27,88 +27,225 @@ class Position:
     value: int | tuple[int, ...]
 
 
+# -- the protocol transformers' LFM2 layers call ----------------------------------------
+#
+# The backbone's attention and short-conv layers read and extend whatever cache
+# object they are handed through these methods, and through no others when the
+# caller passes explicit position ids and a ready-made mask per layer type (we
+# always do: `LFM2Backend.forward` and `forward_rows`). The set is the union of
+# what the releases we support call (5.23 and 5.25); tests/test_cache_contract.py
+# drives a small LFM2 through prefill, steps, rollback and snapshot/restore and
+# names any method a new release calls that is not listed here.
+LAYER_PROTOCOL = (
+    "update",  # attention: append this forward's keys/values, return the keys/values to attend over
+    "get_conv_state",  # short conv: the state a single-token step updates in place (None before a prefill)
+    "is_recording_past",  # short conv: False, so a single-token step takes the in-place path
+    "increase_count",  # short conv (5.25+): a single-token step ran in place
+    "update_conv_state",  # short conv: a multi-token forward; returns past state + new inputs
+    "get_seq_length",  # only when no position ids are passed; answered from our explicit length
+)
+
+
+class ConversationCache:
+    """One conversation's model cache, in a layout this project owns.
+
+    Per attention layer the keys and values of every position held
+    (1, kv_heads, positions, head_dim); per short-conv layer its state
+    (1, hidden, kernel). `length` is the number of positions held, set
+    explicitly: `begin(n)` before a forward of `n` positions, `end()` after
+    it succeeded. Nothing is inferred from tensor shapes or from counters the
+    layers bump, so rollback and restore cannot leave positions running ahead.
+
+    Keys and values only ever grow by concatenation and shrink by slicing
+    (never written in place), so a snapshot keeps references; conv states
+    are updated in place by single-token steps, so snapshots copy them."""
+
+    def __init__(self, layer_types: list[str]) -> None:
+        self.attention = [i for i, kind in enumerate(layer_types) if kind != "conv"]
+        self.conv = [i for i, kind in enumerate(layer_types) if kind == "conv"]
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self.states: dict[int, torch.Tensor] = {}
+        self.length = 0  # positions held
+        self._adding = 0  # positions the forward in progress adds
+
+    # -- what the caller does --------------------------------------------------------
+    def begin(self, positions: int, device: torch.device) -> torch.Tensor:
+        """A forward of `positions` new positions starts; returns their position ids (1, positions)."""
+        self._adding = positions
+        return torch.arange(self.length, self.length + positions, device=device)[None, :]
+
+    def end(self) -> None:
+        """The forward succeeded: the new positions are held."""
+        self.length += self._adding
+        self._adding = 0
+        for i in self.attention:
+            held = self.keys[i].shape[-2] if i in self.keys else 0
+            if held != self.length:
+                raise RuntimeError(f"attention layer {i} holds {held} positions, not {self.length}")
+
+    def crop(self, length: int, states: dict[int, torch.Tensor]) -> None:
+        """Keep the first `length` positions; `states` are the conv states at that length."""
+        for store in (self.keys, self.values):
+            for i, tensor in store.items():
+                store[i] = tensor[:, :, :length]
+        self.states = {i: s.clone() for i, s in states.items()}
+        self.length, self._adding = length, 0
+
+    def conv_copy(self) -> dict[int, torch.Tensor]:
+        return {i: s.clone() for i, s in self.states.items()}
+
+    # -- what the layers call (LAYER_PROTOCOL) ---------------------------------------
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        if layer_idx in self.keys:
+            key = torch.cat([self.keys[layer_idx], key], dim=-2)
+            value = torch.cat([self.values[layer_idx], value], dim=-2)
+        self.keys[layer_idx], self.values[layer_idx] = key, value
+        return key, value
+
+    def get_conv_state(self, layer_idx: int, state_idx: int = 0) -> torch.Tensor | None:
+        return self.states.get(layer_idx) if state_idx == 0 else None
+
+    def is_recording_past(self, layer_idx: int) -> bool:
+        return False
+
+    def increase_count(self, layer_idx: int, state_idx: int = 0) -> None:
+        pass  # positions are counted by begin()/end(), not by the layers
+
+    def update_conv_state(self, inputs: torch.Tensor, layer_idx: int, state_idx: int = 0,
+                          conv_kernel_size: int | None = None, **kwargs: Any) -> torch.Tensor:  # fmt: skip
+        if state_idx != 0:
+            raise RuntimeError(f"short-conv layer {layer_idx} asks for state {state_idx}; LFM2 has one")
+        past = self.states.get(layer_idx)
+        if past is None:
+            kernel = int(conv_kernel_size or inputs.shape[-1])
+            past = inputs.new_zeros((*inputs.shape[:-1], kernel))
+        full = torch.cat([past, inputs], dim=-1)
+        self.states[layer_idx] = full[..., -past.shape[-1] :].clone()
+        return full
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+
+def _cache_kwarg(lfm: torch.nn.Module) -> str:
+    """The backbone's name for the cache argument ("cache" from transformers 5.25, "past_key_values" before)."""
+    cls = type(lfm)
+    name = _CACHE_KWARG.get(cls)
+    if name is None:
+        name = _CACHE_KWARG[cls] = "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+    return name
+
+
+_CACHE_KWARG: dict[type, str] = {}
+
+
+def _mask(lfm: torch.nn.Module, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean attention mask in the form the configured attention implementation takes."""
+    if getattr(lfm.config, "_attn_implementation", None) == "eager":
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return allowed
+
+
+def forward_positions(lfm: torch.nn.Module, embeddings: torch.Tensor, cache: ConversationCache) -> torch.Tensor:
+    """Run `embeddings` (1, n, dim) through the backbone `lfm` after the positions
+    `cache` holds, at explicit position ids under an explicit causal mask (so the
+    layers infer nothing from the cache), and extend `cache` by n. Returns the
+    hidden states (1, n, dim)."""
+    count = embeddings.shape[1]
+    positions = cache.begin(count, embeddings.device)
+    keys = torch.arange(cache.length + count, device=embeddings.device)
+    allowed = (keys[None, :] <= positions[0, :, None])[None, None]  # (1, 1, n, past + n)
+    masks = {"full_attention": _mask(lfm, allowed, embeddings.dtype), "conv": None}
+    out = lfm(inputs_embeds=embeddings, attention_mask=masks, position_ids=positions, use_cache=True,
+              **{_cache_kwarg(lfm): cache})  # fmt: skip
+    cache.end()
+    return out.last_hidden_state
+
+
+def forward_step(lfm: torch.nn.Module, embeddings: torch.Tensor, step: StepCache) -> torch.Tensor:
+    """One decode step of a batch of rows, `embeddings` (rows, 1, dim), each row
+    at its own position through `step`; counts the step in the slots once it ran.
+    Returns the hidden states (rows, 1, dim)."""
+    masks = {"full_attention": _mask(lfm, step.mask, embeddings.dtype), "conv": None}  # one real position per row
+    out = lfm(inputs_embeds=embeddings, attention_mask=masks, position_ids=step.positions, use_cache=True,
+              **{_cache_kwarg(lfm): step})  # fmt: skip
+    step.advance()
+    return out.last_hidden_state
+
+
+class CacheStats:
+    """Process-wide prefix-cache counters (exported as metrics)."""
+
+    def __init__(self) -> None:
+        self.fallbacks = 0  # rollbacks that could not keep the prefix and ran a full prefill
+
+
 class PrefixCache:
     """A conversation's model cache for a prefix of its history.
 
     After each prefill the cache holds exactly the history so far (`length`
-    positions) and its short-conv states are snapshotted. Generation then
+    positions) and its short-conv states are kept aside. Generation then
     extends it by the steps it feeds back (`tail`). At the next turn the tail
     is kept when the history continues with those very steps (an untruncated
     response); otherwise the cache is rolled back to `length`: attention KV
     is cropped and the conv states restored (conv state cannot be cropped)."""
 
-    def __init__(self) -> None:
-        self.cache: DynamicCache | None = None
+    def __init__(self, stats: CacheStats | None = None) -> None:
+        self.cache: ConversationCache | None = None
         self.length = 0
         self.tail: list[Position] = []
-        self._conv: list[tuple[Any, dict[int, torch.Tensor]]] = []
+        self._conv: dict[int, torch.Tensor] = {}
+        self._stats = stats or CacheStats()
 
     @property
     def total(self) -> int:
         return self.length + len(self.tail)
 
     def reset(self) -> None:
-        self.cache, self.length, self.tail, self._conv = None, 0, [], []
+        self.cache, self.length, self.tail, self._conv = None, 0, [], {}
 
-    def mark(self, cache: DynamicCache, length: int) -> None:
+    def mark(self, cache: ConversationCache, length: int) -> None:
         """`cache` now holds exactly the first `length` history positions."""
+        if cache.length != length:
+            raise RuntimeError(f"the model cache holds {cache.length} positions, not the history's {length}")
         self.cache, self.length, self.tail = cache, length, []
-        self._conv = [
-            (layer, {i: s.clone() for i, s in layer.conv_states.items() if s is not None})
-            for layer in cache.layers
-            if hasattr(layer, "conv_states")
-        ]
+        self._conv = cache.conv_copy()
 
     def snapshot(self) -> object:
         """The cache as it is now, for `restore` (undoing a speculative turn
-        keeps the cache of the history before it). Attention KV tensors are
-        never written in place (they grow by concatenation and are cropped by
-        slicing), so references keep them; short-conv states are updated in
-        place, so they are copied."""
+        keeps the cache of the history before it)."""
         cache = self.cache
         if cache is None:
             return None
-        layers = [
-            (layer, getattr(layer, "keys", None), getattr(layer, "values", None),
-             {i: s.clone() for i, s in layer.conv_states.items() if s is not None}
-             if hasattr(layer, "conv_states") else None)
-            for layer in cache.layers
-        ]  # fmt: skip
-        return cache, layers, self.length, list(self.tail), self._conv
+        held = (dict(cache.keys), dict(cache.values), cache.conv_copy(), cache.length)
+        return cache, held, self.length, list(self.tail), self._conv
 
     def restore(self, snapshot: object) -> None:
-        """Put the cache back as it was at `snapshot()`."""
+        """Put the cache back as it was at `snapshot()`, positions included."""
         if snapshot is None:
             self.reset()
             return
         assert isinstance(snapshot, tuple)
-        cache, layers, length, tail, conv = snapshot
-        for layer, keys, values, states in layers:
-            if states is None:
-                layer.keys, layer.values = keys, values
-            else:
-                for i, state in states.items():
-                    layer.conv_states[i].copy_(state)
+        cache, (keys, values, states, held), length, tail, conv = snapshot
+        cache.keys, cache.values, cache.states, cache.length = dict(keys), dict(values), states, held
         self.cache, self.length, self.tail, self._conv = cache, length, list(tail), conv
 
     def rollback(self) -> None:
-        """Forget the tail; drop the cache when its layout is not understood."""
+        """Forget the tail. Falls back to a full prefill (counted) only when
+        the cache does not hold the positions it should."""
         cache = self.cache
         if cache is None or not self.tail:
             self.tail = []
             return
-        for layer in cache.layers:
-            if isinstance(layer, DynamicLayer):
-                extra = layer.get_seq_length() - self.length
-                if extra > 0:
-                    layer.crop(-extra)
-        for layer, states in self._conv:
-            for i, state in states.items():
-                layer.conv_states[i].copy_(state)
         self.tail = []
-        if cache.get_seq_length() != self.length:
-            log.warning("model cache layout not understood; falling back to full prefill")
+        if cache.length < self.length or not self._conv and cache.conv:
+            self._stats.fallbacks += 1
+            log.warning("model cache holds %d positions, the prefix %d; falling back to full prefill",
+                        cache.length, self.length)  # fmt: skip
             self.reset()
+            return
+        cache.crop(self.length, self._conv)
 
 
 class SlotCache:
@@ -200,35 +337,33 @@ class SlotCache:
                     store[i][slot, :, length:dirty] = 0
         self._dirty[slot] = length
 
-    def load(self, slot: int, cache: DynamicCache, length: int) -> None:
-        """Copy a conversation's cache, holding `length` positions, into `slot`."""
+    def load(self, slot: int, cache: ConversationCache) -> None:
+        """Copy a conversation's cache into `slot`."""
+        length = cache.length
         self.reserve(slot + 1, length + 1)
-        layers: list[Any] = list(cache.layers)
         for i in self.attention:
-            layer = layers[i]
-            keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+            keys, values = cache.keys.get(i), cache.values.get(i)
             if keys is None or values is None or keys.shape[-2] != length:
                 raise RuntimeError(f"model cache layer {i} does not hold {length} positions")
             self.keys[i][slot, :, :length] = keys[0]
             self.values[i][slot, :, :length] = values[0]
         for i in self.conv:
-            state = layers[i].conv_states.get(0)
+            state = cache.states.get(i)
             if state is None:
                 raise RuntimeError(f"model cache layer {i} has no short-conv state")
             self.states[i][slot] = state[0]
         self._clean(slot, length)
         self.lengths[slot] = length
 
-    def store(self, slot: int, cache: DynamicCache) -> None:
+    def store(self, slot: int, cache: ConversationCache) -> None:
         """Copy `slot` back into the conversation's cache (which `load` filled)."""
         length = self.lengths[slot]
-        layers: list[Any] = list(cache.layers)
         for i in self.attention:
-            layer = layers[i]
-            layer.keys = self.keys[i][slot : slot + 1, :, :length].clone()
-            layer.values = self.values[i][slot : slot + 1, :, :length].clone()
+            cache.keys[i] = self.keys[i][slot : slot + 1, :, :length].clone()
+            cache.values[i] = self.values[i][slot : slot + 1, :, :length].clone()
         for i in self.conv:
-            layers[i].conv_states[0].copy_(self.states[i][slot : slot + 1])
+            cache.states[i] = self.states[i][slot : slot + 1].clone()
+        cache.length = length
 
     def swap(self, a: int, b: int) -> None:
         """Exchange two slots' contents."""
@@ -267,7 +402,8 @@ class StepCache:
     and value at the row's length and returns the keys up to the longest row;
     `get_conv_state` returns the rows' conv states, which the model updates in
     place. `positions` and `mask` are the step's position ids and attention
-    mask; `advance()` counts the step once the forward succeeded."""
+    mask; `advance()` counts the step once the forward succeeded. It answers
+    the same `LAYER_PROTOCOL` as `ConversationCache`."""
 
     def __init__(self, slots: SlotCache, start: int, stop: int) -> None:
         self._slots, self._start, self._stop = slots, start, stop
@@ -292,6 +428,15 @@ class StepCache:
 
     def is_recording_past(self, layer_idx: int) -> bool:
         return False
+
+    def increase_count(self, layer_idx: int, state_idx: int = 0) -> None:
+        pass  # positions are counted by advance(), not by the layers
+
+    def update_conv_state(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        raise RuntimeError("a batched decode step feeds one position per row; the layers asked for a multi-token update")
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        raise RuntimeError("a batched decode step passes explicit position ids")
 
     def advance(self) -> None:
         slots = self._slots

@@ -582,7 +582,7 @@ class BatchedLFM2Engine(Engine):
                 row.embeddings = None
                 slot = len(self._decoding)
                 self._slots.reserve(min(self.max_batch, max(4, 2 * (slot + 1))), plan.length + 1)
-                self._slots.load(slot, plan.cache, plan.length)
+                self._slots.load(slot, plan.cache)
                 row.slot, row.hidden = slot, hidden
                 self._decoding.append(row)
             except Exception as exc:  # noqa: BLE001 - fails this request only
@@ -620,8 +620,7 @@ class BatchedLFM2Engine(Engine):
 
     def _forward_slots(self, start: int, stop: int, embeddings: torch.Tensor, rows: list[_Row]) -> None:
         step = self._slots.step(start, stop)
-        hidden = self._lfm2.forward_rows(embeddings, step, step.positions, step.mask)
-        step.advance()
+        hidden = self._lfm2.forward_rows(embeddings, step)
         for i, row in enumerate(rows):
             row.hidden, row.fed = hidden[i], None
             kv = row.state.cache
