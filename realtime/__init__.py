@@ -1,0 +1,1 @@
+"""An OpenAI-Realtime-compatible WebSocket bridge to voicechat.v1 Converse, and a browser page."""
