@@ -4,8 +4,11 @@ Every server owns one `ServiceMetrics` with a registry of its own, not
 prometheus_client's global one: tests (and benchmarks) run several servers in
 one process, and each must count only its own sessions. The server always
 counts (an increment is a lock and an add); it serves the registry only when
-`--metrics-port` is set, from prometheus_client's HTTP server in a daemon
-thread, so a scrape never runs on the event loop.
+`--metrics-port` is set, from `MetricsHTTPServer`: a small HTTP/1.1 server on
+the event loop that holds no thread per connection, caps its connections and
+closes idle ones, so a flood of connections to the metrics port can neither
+use up the process's file descriptors nor its CPU (the gRPC port keeps
+accepting clients). Rendering a scrape runs in a worker thread, one at a time.
 
 Label values come from closed sets (gRPC status names, commit reasons,
 response statuses): nothing per session, response or peer ever becomes a
@@ -17,16 +20,19 @@ the engine's `EngineStats` at scrape time by a collector; nothing polls.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol
-from wsgiref.simple_server import WSGIServer
+from typing import Any, Final, Protocol
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
+from service.backends.base import Backend
 from service.backends.engine import EngineStats
 from service.errors import StartupError
 from voicechat.v1 import voicechat_pb2 as pb
@@ -34,7 +40,6 @@ from voicechat.v1 import voicechat_pb2 as pb
 log = logging.getLogger(__name__)
 
 PREFIX = "voicechat"
-MetricsHTTPServer = WSGIServer  # what start_metrics_server returns
 _STATUS_NAMES = frozenset(code.name for code in grpc.StatusCode)
 
 # Bucket bounds, in seconds unless said otherwise. The latency targets sit
@@ -86,6 +91,7 @@ def _enum_label(enum: Any, prefix: str, value: int | str, known: frozenset[str])
 
 class HasEngineStats(Protocol):
     stats: EngineStats
+    backend: Backend
 
 
 class _EngineCollector(Collector):
@@ -114,7 +120,13 @@ class _EngineCollector(Collector):
         waiting.add_metric([], stats.waiting)
         running = GaugeMetricFamily(f"{PREFIX}_engine_running", "Responses generating in the model now.")
         running.add_metric([], stats.running)
-        yield from (steps, rows, waiting, running)
+        fallbacks = CounterMetricFamily(
+            f"{PREFIX}_prefix_cache_fallbacks",
+            "Prefix-cache rollbacks that could not keep a conversation's cached prefix and ran a full prefill "
+            "(expected to stay 0; see service/backends/lfm2_cache.py).",
+        )
+        fallbacks.add_metric([], engine.backend.cache_stats.fallbacks)
+        yield from (steps, rows, waiting, running, fallbacks)
 
     def describe(self) -> Iterator[Metric]:
         return iter(())  # names are not known to the registry up front: no clash checks needed
@@ -295,24 +307,129 @@ class ServiceMetrics:
         self._engine.engine = engine
 
 
-def start_metrics_server(
+# The metrics endpoint's limits. A scraper opens one connection per scrape and sends its request at
+# once; anything else (idle sockets, slow heads) is closed.
+MAX_HTTP_CONNECTIONS: Final = 16  # more at once are closed as soon as they are accepted
+HTTP_IDLE_TIMEOUT_S: Final = 5.0  # to send the request head, and to read the reply
+_MAX_HEAD_BYTES: Final = 8192
+
+
+class MetricsHTTPServer:
+    """Serves one registry at GET /metrics (and /) on the event loop.
+
+    No thread per connection: a connection costs a socket and a small
+    coroutine, at most `max_connections` of them at once (later ones are
+    accepted and closed at once, so the listening queue never fills up with
+    them either), and each is closed after one reply or `idle_timeout_s`
+    without progress. Replies close the connection (HTTP/1.1 `Connection:
+    close`), which is what Prometheus expects of a small exporter. Rendering
+    runs in a worker thread, one scrape at a time, so the loop never waits on
+    a large registry."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        max_connections: int = MAX_HTTP_CONNECTIONS,
+        idle_timeout_s: float = HTTP_IDLE_TIMEOUT_S,
+    ) -> None:
+        self.registry = registry
+        self.max_connections = max_connections
+        self.idle_timeout_s = idle_timeout_s
+        self.port = 0
+        self.open_connections = 0
+        self.refused_connections = 0  # closed at once because `max_connections` were open
+        self._server: asyncio.Server | None = None
+        self._render = asyncio.Lock()
+        self._connections: set[asyncio.Task[None]] = set()
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen on host:port (0: a free port); returns the bound port.
+        StartupError when it cannot listen there (port taken, bad address)."""
+        try:
+            self._server = await asyncio.start_server(self._accept, host.strip("[]"), port, reuse_address=True)
+        except (OSError, OverflowError, UnicodeError) as exc:
+            reason = getattr(exc, "strerror", None) or exc
+            raise StartupError(f"cannot serve metrics on {host}:{port}: {reason}") from exc
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        return self.port
+
+    async def close(self) -> None:
+        """Stop listening and close every open connection."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for task in list(self._connections):
+            task.cancel()
+        if self._connections:
+            await asyncio.gather(*self._connections, return_exceptions=True)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.open_connections >= self.max_connections:
+            self.refused_connections += 1
+            writer.transport.abort()  # frees the descriptor now; no reply to a flood
+            return
+        self.open_connections += 1
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        served = False
+        try:
+            await asyncio.wait_for(self._serve(reader, writer), self.idle_timeout_s)
+            served = True
+        except (TimeoutError, OSError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass  # idle, too slow, gone or not HTTP: nothing to tell a peer like that
+        finally:
+            self.open_connections -= 1
+            self._connections.discard(task)
+            if not served:
+                writer.transport.abort()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        if len(head) > _MAX_HEAD_BYTES:
+            raise ValueError("request head too long")
+        request_line, *header_lines = head.decode("latin-1").split("\r\n")
+        method, path, _version = (request_line.split(" ") + ["", "", ""])[:3]
+        headers = {}
+        for line in header_lines:
+            name, _, field = line.partition(":")
+            headers[name.strip().lower()] = field.strip()
+        status, content_type, body = await self._reply(method, path.split("?", 1)[0], headers.get("accept", ""))
+        writer.write(
+            (
+                f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            ).encode("latin-1")
+            + (b"" if method == "HEAD" else body)
+        )
+        writer.close()  # after the reply is sent
+        await writer.wait_closed()
+
+    async def _reply(self, method: str, path: str, accept: str) -> tuple[str, str, bytes]:
+        if method not in ("GET", "HEAD"):
+            return "405 Method Not Allowed", "text/plain; charset=utf-8", b"only GET /metrics\n"
+        if path not in ("/metrics", "/"):
+            return "404 Not Found", "text/plain; charset=utf-8", b"see /metrics\n"
+        encoder, content_type = choose_encoder(accept)
+        async with self._render:
+            body = await asyncio.to_thread(encoder, self.registry)
+        return "200 OK", content_type, body
+
+
+async def start_metrics_server(
     port: int, host: str = "127.0.0.1", registry: CollectorRegistry | None = None
-) -> tuple[MetricsHTTPServer, int]:
-    """Serve `registry` at http://host:port/metrics from a daemon thread.
+) -> MetricsHTTPServer:
+    """Serve `registry` at http://host:port/metrics on the running event loop.
 
-    Port 0 picks a free port; returns the HTTP server and the bound port.
+    Port 0 picks a free port (the server's `port` says which).
     StartupError when it cannot listen there (port taken, bad address)."""
-    try:
-        httpd, _thread = start_http_server(port, addr=host, registry=registry or CollectorRegistry())
-    except (OSError, OverflowError) as exc:
-        raise StartupError(f"cannot serve metrics on {host}:{port}: {getattr(exc, 'strerror', None) or exc}") from exc
-    bound = int(httpd.server_port)
+    server = MetricsHTTPServer(registry or CollectorRegistry())
+    bound = await server.start(host, port)
     log.info("metrics on http://%s:%d/metrics", host, bound)
-    return httpd, bound
+    return server
 
 
-def stop_metrics_server(httpd: MetricsHTTPServer) -> None:
-    """Stop serving and close the socket. Blocks up to half a second (the
-    server's poll interval): call it from a worker thread in async code."""
-    httpd.shutdown()
-    httpd.server_close()
+async def stop_metrics_server(server: MetricsHTTPServer) -> None:
+    """Stop serving, close the socket and every open connection."""
+    with contextlib.suppress(OSError):
+        await server.close()

@@ -5,11 +5,19 @@ spoken and a typed turn."""
 from __future__ import annotations
 
 import asyncio
+import os
+import resource
+import signal
 import socket
+import subprocess
+import sys
+import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import grpc
+import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -18,6 +26,7 @@ from service.backends.scripted import ScriptedBackend
 from service.config import Settings
 from service.errors import StartupError
 from service.metrics import (
+    MetricsHTTPServer,
     ServiceMetrics,
     commit_reason_label,
     response_status_label,
@@ -27,9 +36,11 @@ from service.metrics import (
 )
 from service.server import VoiceChatServer
 from tests.conftest import StartServer
-from tests.helpers import StepCollector, audio, commit, kinds, manual_config, requests, text, tone
+from tests.helpers import StepCollector, audio, commit, kinds, manual_config, requests, text, tone, wait_until
 from voicechat.v1 import voicechat_pb2 as pb
+from voicechat.v1 import voicechat_pb2_grpc as pb_grpc
 
+REPO = Path(__file__).resolve().parent.parent
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
@@ -202,15 +213,54 @@ def test_engine_figures_are_read_when_scraped() -> None:
 async def test_metrics_server_on_port_zero_serves_and_stops() -> None:
     metrics = ServiceMetrics()
     metrics.session_started()
-    httpd, port = start_metrics_server(0, "127.0.0.1", metrics.registry)
+    httpd = await start_metrics_server(0, "127.0.0.1", metrics.registry)
+    port = httpd.port
     try:
         assert port > 0
         samples = await scrape(port)
         assert value(samples, "voicechat_sessions_live") == 1
+        assert await asyncio.to_thread(http_status, port, "/nowhere") == 404
+        assert await asyncio.to_thread(http_status, port, "/metrics", "POST") == 405
+        assert await asyncio.to_thread(http_status, port, "/metrics", "HEAD") == 200
     finally:
-        await asyncio.to_thread(stop_metrics_server, httpd)
+        await stop_metrics_server(httpd)
     with pytest.raises(urllib.error.URLError):
         await asyncio.to_thread(scrape_text, port)
+
+
+def http_status(port: int, path: str, method: str = "GET") -> int:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            return int(reply.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+async def test_idle_and_surplus_connections_are_closed_and_scrapes_go_on() -> None:
+    metrics = ServiceMetrics()
+    httpd = MetricsHTTPServer(metrics.registry, max_connections=4, idle_timeout_s=0.5)
+    port = await httpd.start("127.0.0.1", 0)
+    try:
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(10)]
+        try:
+            await wait_until(lambda: httpd.open_connections == 4 and httpd.refused_connections == 6)
+            # the idle ones are closed after idle_timeout_s: the peer reads the end of the stream
+            for sock in idle:
+                sock.settimeout(10)
+            assert all(await asyncio.to_thread(lambda: [sock.recv(1) == b"" for sock in idle]))
+            await wait_until(lambda: httpd.open_connections == 0)
+            # a request head that never ends is closed at the same timeout
+            with socket.create_connection(("127.0.0.1", port)) as slow:
+                slow.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+                slow.settimeout(10)
+                assert await asyncio.to_thread(slow.recv, 1) == b""
+            assert value(await scrape(port), "voicechat_sessions_live") == 0
+        finally:
+            for sock in idle:
+                sock.close()
+    finally:
+        await httpd.close()
 
 
 # -- a real server, scraped over HTTP ------------------------------------------------------
@@ -314,3 +364,68 @@ async def test_a_taken_metrics_port_is_a_startup_error() -> None:
                 await server.start()
         finally:
             await server.stop(0)  # what `python -m service` does before exiting with status 2
+
+
+# -- a flood of idle connections to the metrics port -----------------------------------------
+
+FD_LIMIT = 256  # the server process's open-file limit in the flood test
+FLOOD_SOCKETS = 600  # idle connections opened to its metrics port: more than it may hold
+
+
+def _limit_fds() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (FD_LIMIT, FD_LIMIT))
+
+
+def test_a_flood_of_idle_metrics_connections_leaves_grpc_clients_served() -> None:
+    """`python -m service` with a 256-descriptor limit: 600 idle TCP connections to its
+    metrics port neither use up its descriptors nor stop new gRPC clients; once the
+    flood ends, the endpoint answers again."""
+    metrics_port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VOICECHAT_")}
+    command = [
+        sys.executable, "-m", "service", "--backend", "scripted", "--port", "0", "--no-warmup",
+        "--metrics-port", str(metrics_port), "--drain-seconds", "0",
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        preexec_fn=_limit_fds,
+    )  # fmt: skip
+    flood: list[socket.socket] = []
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert "voicechat serving on" in line, line
+        target = line.split()[-1]
+        scrape_text(metrics_port)
+        started = time.monotonic()
+        flood = [socket.create_connection(("127.0.0.1", metrics_port), 10) for _ in range(FLOOD_SOCKETS)]
+        opened_s = time.monotonic() - started
+        fds = psutil.Process(process.pid).num_fds()
+        with grpc.insecure_channel(target) as channel:
+            started = time.monotonic()
+            reply = pb_grpc.VoiceChatServiceStub(channel).Generate(
+                pb.GenerateRequest(text="hello #frames=2"), timeout=30
+            )
+            generate_ms = (time.monotonic() - started) * 1000
+        assert reply.status == pb.RESPONSE_STATUS_COMPLETED
+        assert fds < FD_LIMIT - 64, f"{fds} descriptors open during the flood"
+        for sock in flood:
+            sock.close()
+        flood.clear()
+        samples = parse(scrape_text(metrics_port))
+        assert value(samples, "voicechat_generate_calls_total", code="OK") == 1
+        print(
+            f"\n{FLOOD_SOCKETS} idle metrics connections opened in {opened_s:.2f} s; server descriptors "
+            f"{fds} (limit {FD_LIMIT}); a new gRPC client's Generate took {generate_ms:.0f} ms"
+        )
+    finally:
+        for sock in flood:
+            sock.close()
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert process.returncode == 0
