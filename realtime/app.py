@@ -26,7 +26,7 @@ import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from starlette.applications import Starlette
@@ -40,6 +40,9 @@ from clients.aio import VoiceChatClient, VoiceChatError
 from clients.connection import ConnectionOptions
 from realtime import protocol as rt
 from realtime.session import RealtimeSession
+
+if TYPE_CHECKING:
+    from service.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -268,3 +271,19 @@ async def serve_forever(settings: BridgeSettings, stop: asyncio.Event) -> None:
         await stop.wait()
     finally:
         await bridge.stop()
+
+
+async def start_realtime(settings: Settings, grpc_port: int) -> RealtimeBridge:
+    """The bridge inside the server process (`--realtime-port`), dialing the server's own port."""
+    host = "127.0.0.1" if settings.host in ("", "0.0.0.0", "::") else settings.host
+    target = f"[{host}]:{grpc_port}" if ":" in host else f"{host}:{grpc_port}"
+    connection = ConnectionOptions(
+        target=target, tls=bool(settings.tls_cert), ca_file=settings.tls_cert, token=settings.auth_token
+    )
+    bridge = RealtimeBridge(
+        BridgeSettings(connection=connection, host=settings.host, port=settings.realtime_port,
+                       max_message_bytes=settings.max_message_bytes * 4 // 3 + 4096,
+                       drain_seconds=min(settings.drain_seconds, 5.0))
+    )  # fmt: skip
+    await bridge.start()
+    return bridge

@@ -28,6 +28,7 @@ from typing import Any
 
 import grpc
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+from uvicorn.protocols.utils import ClientDisconnected
 
 from clients.aio import Conversation, Event, VoiceChatClient, VoiceChatError
 from realtime import protocol as rt
@@ -174,12 +175,20 @@ class RealtimeSession:
         assert self._started is not None
         log.info("realtime session %s opened", self._started.session_id)
         await self.send(self._session_event("session.created"))
-        reader = asyncio.create_task(self._read_client(), name=f"read-client {self._started.session_id}")
-        relay = asyncio.create_task(self._relay(), name=f"relay {self._started.session_id}")
+        sid = self._started.session_id
+        reader = asyncio.create_task(self._read_client(), name=f"read-client {sid}")
+        relay = asyncio.create_task(self._relay(), name=f"relay {sid}")
         try:
             done, _ = await asyncio.wait({reader, relay}, return_when=asyncio.FIRST_COMPLETED)
-            if relay in done and (ended := relay.result()) is not None:
-                await self._end(*ended)
+            for task in done:
+                if isinstance(error := task.exception(), WebSocketDisconnect | ClientDisconnected):
+                    continue  # the client left: nothing to report to it
+                if error is not None:
+                    # a bug in the bridge: one log line with the traceback, the client gets 1011
+                    log.error("realtime session %s failed", sid, exc_info=error)
+                    await self._end(grpc.StatusCode.INTERNAL, "internal error in the realtime bridge")
+                elif task is relay and (ended := relay.result()) is not None:
+                    await self._end(*ended)
         finally:
             for task in (reader, relay):
                 task.cancel()
@@ -191,7 +200,7 @@ class RealtimeSession:
     async def _end(self, code: grpc.StatusCode, details: str) -> None:
         """Report how the stream ended and close the WebSocket with the matching code."""
         if self.ws.application_state == WebSocketState.CONNECTED:
-            with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
+            with contextlib.suppress(WebSocketDisconnect, ClientDisconnected, RuntimeError, OSError):
                 if code != grpc.StatusCode.OK:
                     kind = "invalid_request_error" if CLOSE_CODES.get(code) == 1008 else "server_error"
                     await self.send(rt.error_event(details or code.name, kind=kind, code=code.name.lower()))

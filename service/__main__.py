@@ -40,6 +40,8 @@ async def serve(argv: Sequence[str] | None = None) -> int:
         if start.done():
             port = start.result()
             print(f"voicechat serving on {settings.host}:{port}", flush=True)  # noqa: T201 - for scripts
+            if server.realtime is not None:
+                print(f"realtime bridge on {server.realtime.url}", flush=True)  # noqa: T201 - for scripts
             await stopped
         else:
             start.cancel()

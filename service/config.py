@@ -36,6 +36,8 @@ class Settings:
                            "per line with session_id, response_id and peer).", choices=("text", "json"))
     metrics_port: int = _opt(0, "Serve Prometheus metrics over HTTP on this port at /metrics "
                              "(0 = off).")
+    realtime_port: int = _opt(0, "Serve the OpenAI-Realtime-compatible WebSocket bridge "
+                              "(/v1/realtime) and the browser page (/) on this port (0 = off).")
     # -- model (lfm2 backend) -----------------------------------------------
     model: str = _opt(DEFAULT_MODEL, "Hugging Face model id or local checkpoint folder.")
     revision: str = _opt("", "Model revision (commit) to load; empty = the pinned default.")

@@ -25,6 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from grpc_reflection.v1alpha._async import ReflectionServicer
 
+from realtime.app import RealtimeBridge, start_realtime
 from service.backends import Backend, create_backend, create_engine
 from service.config import Settings
 from service.errors import StartupError, Undecodable
@@ -277,6 +278,7 @@ class VoiceChatServer:
         self.metrics_port = 0
         self._metrics_http: MetricsHTTPServer | None = None
         self._loading: asyncio.Future[None] | None = None
+        self.realtime: RealtimeBridge | None = None  # the WebSocket bridge, when settings.realtime_port is set
 
     @property
     def servicer(self) -> VoiceChatServicer:
@@ -321,6 +323,8 @@ class VoiceChatServer:
             self.metrics_port = self._metrics_http.port
         await server.start()
         log.info("listening on %s:%d (backend %s)", settings.host, self.port, backend.name)
+        if settings.realtime_port:
+            self.realtime = await start_realtime(settings, self.port)
         started = time.monotonic()
         # loading runs in a thread that a cancel cannot stop: stop() waits for it
         # before it frees the model, so the weights are never freed under a load
@@ -349,6 +353,9 @@ class VoiceChatServer:
             servicer.drain(grace)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(servicer.all_closed.wait(), grace)
+        if self.realtime is not None:  # its streams have ended above: close its WebSockets and channel
+            await self.realtime.stop()
+            self.realtime = None
         # lame duck: keep answering UNAVAILABLE for a moment, so clients that
         # call right after their stream ended are told to go elsewhere rather
         # than being cut off (CANCELLED) by the transport shutting down
