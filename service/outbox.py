@@ -5,13 +5,24 @@ stream's one writer takes them in order, stamps `ts_ms` and `seq`, and writes
 them. Putting never blocks, so a client that reads slowly can never
 stall generation, and what waits for the writer is bounded whatever the client
 does. Overflow policy:
-- media, past `max_items` queued events: a TextDelta is merged into a TextDelta
-  of the same response at the tail (counted as `text_coalesced`), an AudioChunk
+- media, when the client is behind: a TextDelta is merged into a TextDelta of
+  the same response at the tail (counted as `text_coalesced`), an AudioChunk
   into the AudioChunk of the same response at the tail when it follows it
   without a gap and the merged chunk stays within `max_merged_audio_ms`
   (counted as `audio_merged`; merged chunks are whole multiples of chunk_ms and
   keep the first piece's `offset_ms`). Merged pieces wait as a list and become
-  one message when the writer takes them, so merging costs linear memory;
+  one message when the writer takes them, so merging costs linear memory.
+  The client is behind when `max_items` events are queued and the write in
+  flight has waited on it (HTTP/2 flow control: the client does not read) for
+  `behind_after_ms` or more; the writer reports each write's start (`get`) and
+  completion (`written`). A burst of events (a model faster than real time,
+  the held events of a speculative response released at its commit) queues
+  without merging, so a client that reads promptly gets `chunk_ms` chunks
+  whatever the model's speed. Past `max_backlog` queued events (three
+  quarters of `max_entries` by default) media are merged whatever the writes
+  do, so that a client that reads, but more slowly than the audio is produced
+  (at playback speed, say), loses its response to the audio bound below rather
+  than its stream to the event cap;
 - audio is also bounded in time: past `max_audio_ms` waiting, `put` raises
   `SlowReader` and the producer fails the response;
 - errors (which a client provokes once per bad request): at most `max_errors`
@@ -33,6 +44,7 @@ cut the call after a grace.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -72,7 +84,12 @@ class WriteStats:
 
 Item = pb.ConverseResponse | Callable[[], pb.ConverseResponse] | StreamEnd
 
-_SUMMARY = "error_summary"  # the kind of the summary entry of dropped errors
+_SUMMARY = "error_summary"
+
+# A write to a client that reads completes within a few ms (loop and thread
+# scheduling on a busy host included); one that waits this long waits on the
+# client's flow-control window.
+BEHIND_AFTER_MS = 100.0  # the kind of the summary entry of dropped errors
 
 
 @dataclass
@@ -115,6 +132,8 @@ class Outbox:
         max_merged_audio_ms: int = 1000,
         max_errors: int = 32,
         max_entries: int = 1024,
+        behind_after_ms: float = BEHIND_AFTER_MS,
+        max_backlog: int | None = None,
     ) -> None:
         self._entries: deque[_Entry] = deque()
         self._ready = asyncio.Event()
@@ -123,6 +142,9 @@ class Outbox:
         self._max_merged_audio_ms = max_merged_audio_ms
         self._max_errors = max_errors
         self._max_entries = max_entries
+        self._behind_after_s = behind_after_ms / 1000
+        self._max_backlog = max_entries * 3 // 4 if max_backlog is None else max_backlog
+        self._write_started = 0.0  # monotonic time the write in flight started; 0.0 when none is
         self._audio_ms = 0
         self._errors = 0  # error events queued as they are
         self._summary: _ErrorSummary | None = None  # the summary waiting to be written
@@ -141,6 +163,19 @@ class Outbox:
     @property
     def pending_audio_ms(self) -> int:
         return self._audio_ms
+
+    @property
+    def behind(self) -> bool:
+        """The client is behind: the write in flight has waited on it for
+        `behind_after_ms` or more (or past `max_backlog` events are queued)."""
+        if len(self._entries) >= self._max_backlog:
+            return True
+        started = self._write_started
+        return bool(started) and time.monotonic() - started >= self._behind_after_s
+
+    def written(self) -> None:
+        """The writer's write of the event `get` returned has completed."""
+        self._write_started = 0.0
 
     @property
     def end(self) -> StreamEnd | None:
@@ -166,10 +201,10 @@ class Outbox:
                         f"the client is not reading: more than {self._max_audio_ms} ms of audio wait to be sent"
                     )
                 self._audio_ms += entry.audio_ms
-                if len(self._entries) >= self._max_items and self._merge_audio(item.audio_chunk, stats):
+                if self._merging() and self._merge_audio(item.audio_chunk, stats):
                     return
             elif kind == "text_delta":
-                if len(self._entries) >= self._max_items and self._merge_text(item.text_delta, stats):
+                if self._merging() and self._merge_text(item.text_delta, stats):
                     return
             elif kind == "error":
                 if self._summary is not None or self._errors >= self._max_errors:
@@ -182,6 +217,9 @@ class Outbox:
             self._put_end(StreamEnd(grpc.StatusCode.RESOURCE_EXHAUSTED, details), urgent=True)
             return
         self._append(entry)
+
+    def _merging(self) -> bool:
+        return len(self._entries) >= self._max_items and self.behind
 
     def _append(self, entry: _Entry) -> None:
         self._entries.append(entry)
@@ -287,6 +325,7 @@ class Outbox:
         elif entry.text is not None:
             event.text_delta.text = "".join(entry.text)
         self._audio_ms -= entry.audio_ms
+        self._write_started = time.monotonic()
         ts = now_ms()
         self._seq += 1
         event.seq = self._seq

@@ -282,6 +282,7 @@ class ChatSession:
                 log.debug("%s: write failed: %r", self.id, exc, extra=self.log_extra)
                 self._client_gone = True
                 raise _Ended from None
+            self.outbox.written()  # the client took it: what follows is not merged for a prompt reader
 
     # -- reader -----------------------------------------------------------------
     async def _read(self, requests: AsyncIterator[pb.ConverseRequest | Undecodable]) -> None:

@@ -1,9 +1,11 @@
-"""The outbox's bounds: merged media is exact and costs linear memory, errors
-past the cap become one counted summary, too many queued events end the stream,
-and an end is never refused and can jump the queue."""
+"""The outbox's bounds: media is merged only when the client is behind (a write
+waits on it, or the backlog is huge), merged media is exact and costs linear
+memory, errors past the cap become one counted summary, too many queued events
+end the stream, and an end is never refused and can jump the queue."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import re
 import tracemalloc
@@ -37,6 +39,13 @@ def _event(**fields: object) -> pb.ConverseResponse:
     return pb.ConverseResponse(**fields)  # type: ignore[arg-type]
 
 
+async def _stuck_write(outbox: Outbox) -> None:
+    """Start a write that never completes: the client reads nothing (with
+    `behind_after_ms=0` the outbox counts it as behind at once)."""
+    outbox.put(_event(session_started=pb.SessionStarted(session_id="s")))
+    await outbox.get()
+
+
 async def _drain(outbox: Outbox) -> list[pb.ConverseResponse | StreamEnd]:
     out: list[pb.ConverseResponse | StreamEnd] = []
     while len(outbox):
@@ -52,6 +61,7 @@ ops = st.lists(
         st.tuples(st.just("audio"), st.sampled_from("ab"), st.integers(1, 120)),
         st.tuples(st.just("text"), st.sampled_from("ab"), st.text(max_size=4)),
         st.tuples(st.just("get"), st.integers(1, 6)),
+        st.tuples(st.just("written")),
     ),
     max_size=80,
 )
@@ -62,7 +72,8 @@ ops = st.lists(
 async def test_writer_output_equals_input_for_any_backlog(
     operations: list[tuple], max_items: int, max_merged: int
 ) -> None:
-    outbox = Outbox(max_items=max_items, max_audio_ms=10**9, max_merged_audio_ms=max_merged)
+    # every write waits on the client from `get` until "written": merging is on meanwhile
+    outbox = Outbox(max_items=max_items, max_audio_ms=10**9, max_merged_audio_ms=max_merged, behind_after_ms=0)
     stats = {r: WriteStats() for r in "ab"}
     sent_pcm = {r: b"" for r in "ab"}
     sent_text = {r: "" for r in "ab"}
@@ -79,6 +90,8 @@ async def test_writer_output_equals_input_for_any_backlog(
             _, r, piece = op
             sent_text[r] += piece
             outbox.put(_event(text_delta=pb.TextDelta(response_id=r, text=piece)), stats[r], r)
+        elif op[0] == "written":
+            outbox.written()
         else:
             for _ in range(min(op[1], len(outbox))):
                 out.append(await outbox.get())
@@ -105,8 +118,9 @@ async def test_writer_output_equals_input_for_any_backlog(
 
 
 async def test_merged_audio_is_capped_at_one_second_per_event() -> None:
-    outbox = Outbox(max_items=1)
+    outbox = Outbox(max_items=1, behind_after_ms=0)
     stats = WriteStats()
+    await _stuck_write(outbox)
     outbox.put(_event(response_started=pb.ResponseStarted(response_id="r")))
     for i in range(100):  # 4 s of 40 ms chunks behind a reader that took nothing
         outbox.put(_chunk("r", 40 * i, 40), stats, "r")
@@ -116,7 +130,8 @@ async def test_merged_audio_is_capped_at_one_second_per_event() -> None:
 
 
 async def test_a_chunk_after_a_gap_is_not_merged() -> None:
-    outbox = Outbox(max_items=0)
+    outbox = Outbox(max_items=0, behind_after_ms=0)
+    await _stuck_write(outbox)
     outbox.put(_chunk("r", 0, 40), None, "r")
     outbox.put(_chunk("r", 80, 40), None, "r")  # 40 ms missing: merging would shift its audio
     outbox.put(_chunk("r", 120, 40), None, "r")
@@ -125,7 +140,8 @@ async def test_a_chunk_after_a_gap_is_not_merged() -> None:
 
 
 async def test_purge_of_merged_audio_keeps_the_audio_account() -> None:
-    outbox = Outbox(max_items=0)
+    outbox = Outbox(max_items=0, behind_after_ms=0)
+    await _stuck_write(outbox)
     for i in range(10):
         outbox.put(_chunk("a", 40 * i, 40), None, "a")
     outbox.put(_chunk("b", 0, 40), None, "b")
@@ -136,13 +152,67 @@ async def test_purge_of_merged_audio_keeps_the_audio_account() -> None:
     assert outbox.pending_audio_ms == 0
 
 
+# -- when media is merged --------------------------------------------------------------
+
+
+def _durations(events: list[pb.ConverseResponse | StreamEnd]) -> list[int]:
+    return [e.audio_chunk.duration_ms for e in events if isinstance(e, pb.ConverseResponse) and e.audio_chunk.pcm16]
+
+
+async def test_a_burst_for_a_prompt_reader_is_not_merged() -> None:
+    # a model faster than real time, or held events released at a commit: far more
+    # than max_items at once, while the writer has no write waiting on the client
+    outbox = Outbox(max_items=4)
+    stats = WriteStats()
+    for i in range(300):
+        outbox.put(_chunk("r", 40 * i, 40), stats, "r")
+        outbox.put(_event(text_delta=pb.TextDelta(response_id="r", text="x")), stats, "r")
+    out = []
+    while len(outbox):
+        out.append(await outbox.get())
+        outbox.written()  # the client reads promptly
+    assert _durations(out) == [40] * 300 and stats.audio_merged == 0 and stats.text_coalesced == 0
+
+
+async def test_media_is_merged_once_a_write_has_waited_behind_after_ms() -> None:
+    outbox = Outbox(max_items=2, behind_after_ms=50)
+    outbox.put(_event(response_started=pb.ResponseStarted(response_id="r")))
+    await outbox.get()  # a write starts
+    for i in range(6):  # queued while the write is young: as they are
+        outbox.put(_chunk("r", 40 * i, 40), None, "r")
+    assert len(outbox) == 6 and not outbox.behind
+    await asyncio.sleep(0.08)  # the write still waits: the client is behind
+    assert outbox.behind
+    for i in range(6, 12):
+        outbox.put(_chunk("r", 40 * i, 40), None, "r")
+    assert len(outbox) == 6  # the tail took them
+    outbox.written()  # the client caught up: nothing more is merged
+    assert not outbox.behind
+    for i in range(12, 14):
+        outbox.put(_chunk("r", 40 * i, 40), None, "r")
+    out = []
+    while len(outbox):
+        out.append(await outbox.get())
+        outbox.written()
+    assert _durations(out) == [40] * 5 + [280] + [40] * 2
+
+
+async def test_past_max_backlog_media_is_merged_whatever_the_writes_do() -> None:
+    # a client that reads, but slower than the audio comes: no single write waits long
+    outbox = Outbox(max_items=2, max_backlog=10)
+    for i in range(30):
+        outbox.put(_chunk("r", 40 * i, 40), None, "r")
+    assert len(outbox) == 10
+    assert _durations(await _drain(outbox)) == [40] * 9 + [21 * 40]
+
+
 # -- merging costs linear memory ----------------------------------------------------
 
 
 def _merge_backlog(seconds: int) -> Outbox:
     """A backlog of `seconds` of 40 ms chunks merged into one entry (no size cap:
     the worst case for copies)."""
-    outbox = Outbox(max_items=0, max_audio_ms=10**9, max_merged_audio_ms=10**9)
+    outbox = Outbox(max_items=0, max_audio_ms=10**9, max_merged_audio_ms=10**9, max_backlog=0)
     pcm = bytes(40 * BYTES_PER_MS)
     for i in range(seconds * 25):
         outbox.put(
