@@ -13,10 +13,17 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
+import numpy as np
 import pytest
+import soundfile as sf
 
 from service.config import Settings
 from service.logs import JsonFormatter, configure_logging, make_formatter
+from tests.conftest import StartServer
+from tests.helpers import config, requests, wait_until
+from voicechat.v1 import voicechat_pb2 as pb
+from voicechat.v1 import voicechat_pb2_grpc as pb_grpc
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -131,3 +138,73 @@ def test_server_writes_only_json_lines_and_never_the_token() -> None:
     assert any("SERVING" in m for m in messages)
     assert {e["logger"] for e in entries} >= {"service", "service.server"}
     assert "s3cret-token" not in err
+
+
+def _broken_mp3() -> bytes:
+    """One second of a tone as MP3, with one frame header zeroed: libmpg123 decodes
+    it (resyncing past the broken frame) and prints "Note: Illegal Audio-MPEG-Header"
+    to descriptor 2."""
+    t = np.arange(48_000 * 2) / 48_000
+    buffer = io.BytesIO()
+    sf.write(buffer, (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 48_000, format="MP3")
+    data = bytearray(buffer.getvalue())
+    frame = data.index(b"\xff\xfb", len(data) // 2)
+    data[frame : frame + 4] = bytes(4)
+    return bytes(data)
+
+
+def test_native_stderr_chatter_becomes_json_lines() -> None:
+    """A broken MP3 through Generate on `python -m service --log-format json`: libmpg123's
+    notes arrive as JSON records of the logger "stderr", and every stderr line is JSON."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VOICECHAT_")}
+    command = [
+        sys.executable, "-m", "service", "--backend", "scripted", "--port", "0", "--no-warmup",
+        "--log-format", "json", "--drain-seconds", "0",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert "voicechat serving on" in line, line
+        with grpc.insecure_channel(line.split()[-1]) as channel:
+            stub = pb_grpc.VoiceChatServiceStub(channel)
+            reply = stub.Generate(pb.GenerateRequest(audio=_broken_mp3()), timeout=60)
+        assert reply.status == pb.RESPONSE_STATUS_COMPLETED
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, err
+    entries = [json.loads(line) for line in err.splitlines()]  # every line is a JSON object
+    native = [e for e in entries if e["logger"] == "stderr"]
+    assert any("Illegal Audio-MPEG-Header" in str(e["message"]) for e in native), err
+    assert all(e["level"] == "WARNING" for e in native)
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+async def test_a_client_value_cannot_forge_a_log_line(fmt: str, start_server: StartServer) -> None:
+    """A client label with a newline and a fake record: it stays inside its own record, escaped."""
+    forged = '\n2026-12-01 10:00:00,000 ERROR {"level": "ERROR"}'
+    stream = io.StringIO()
+    root = logging.getLogger()
+    saved = (root.level, list(root.handlers))
+    configure_logging("info", fmt, stream)
+    try:
+        running = await start_server()
+        call = running.stub.Converse(requests([config(client_label=forged[:64])], hold=0))
+        async for _ in call:
+            pass
+        await wait_until(lambda: "ended after" in stream.getvalue())
+    finally:
+        root.handlers[:] = saved[1]
+        root.setLevel(saved[0])
+    label = forged[:64]
+    lines_out = stream.getvalue().splitlines()
+    assert not any(line.startswith("2026-12-01 10:00:00") for line in lines_out)
+    if fmt == "json":
+        messages = [str(json.loads(line)["message"]) for line in lines_out]  # every line is one object
+    else:
+        messages = lines_out
+    assert any(f"label={label!r}" in message for message in messages), messages
