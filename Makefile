@@ -5,6 +5,7 @@
 #   make test    set up everything and run the test suite
 #   make check   lint (ruff, mypy, buf) and stub drift
 #   make bench   quick latency benchmark, tuned pipeline vs the old baseline
+#   make docs    regenerate the docs' generated tables (configuration, benchmark results)
 #   make lock    re-resolve requirements.lock (ARGS="-P name" upgrades one package)
 #   make check-upgrades  run the model tests on the newest releases the constraints allow
 
@@ -20,7 +21,7 @@ PROTO := proto/voicechat/v1/voicechat.proto
 STUBS := voicechat/v1/voicechat_pb2.py voicechat/v1/voicechat_pb2_grpc.py voicechat/v1/voicechat_pb2.pyi
 
 .PHONY: help venv system-deps node-deps proto run serve-scripted demo talk download test check bench \
-        deploy modal-download modal-url tiny-model clean lock check-upgrades
+        deploy modal-download modal-url tiny-model clean lock check-upgrades docs
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -101,6 +102,11 @@ check: node-deps $(STAMP)
 
 bench: system-deps $(STAMP)
 	$(PY) -m bench.latency --quick $(ARGS)
+
+# The tables in docs/ that come from code and data; tests/test_docs.py fails when they are stale.
+docs: $(STAMP)
+	$(PY) -m scripts.config_table --write
+	$(PY) -m scripts.bench_tables --write
 
 # -- Modal deployment -----------------------------------------------------------------
 deploy: $(STAMP)
