@@ -353,6 +353,7 @@ def test_prefix_cache_matches_full_prefill_and_the_package(
             if i == 1:
                 conversation.truncate_response(4)
     assert outputs["cached"] == outputs["uncached"]
+    assert tiny_backend.cache_stats.fallbacks == 0  # the truncated turn rolled back without a full prefill
     for a, b in zip(logits["cached"], logits["uncached"], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     # uncached: the whole history every turn
@@ -382,10 +383,15 @@ def test_restore_undoes_a_speculative_turn_and_keeps_the_cache(tiny_backend: LFM
     expected = run_turn(reference)
 
     conversation = opened()
+    kv = conversation.cache
+    assert kv is not None and kv.cache is not None
+    held = kv.cache.length
     snapshot = conversation.snapshot()
     conversation.add_user_audio(noise(0.6, seed=5), 16_000)  # the turn so far
     assert len(list(conversation.generate(GREEDY, threading.Event()))) == GREEDY.max_new_tokens + 1
     conversation.restore(snapshot)
+    # the positions the cache reports are those before the speculation again, not ahead by its length
+    assert kv.cache is not None and kv.cache.get_seq_length() == kv.cache.length == kv.total == held
     conversation.add_user_audio(noise(1.0, seed=5), 16_000)  # the committed turn
     got = run_turn(conversation)
     assert values(got) == values(expected)

@@ -254,11 +254,20 @@ class BackendLoadError(RuntimeError):
     """The backend cannot start (for example the checkpoint is missing)."""
 
 
+class CacheStats:
+    """A backend's prefix-cache counters (exported as metrics)."""
+
+    def __init__(self) -> None:
+        self.fallbacks = 0  # rollbacks that could not keep the prefix and ran a full prefill
+
+
 class Backend(ABC):
     """A model: shared weights plus factories for per-stream state."""
 
     #: short backend name, e.g. "lfm2" or "scripted"
     name: str = ""
+    #: prefix-cache counters; backends without a prefix cache keep this shared, never-incremented one
+    cache_stats: CacheStats = CacheStats()
 
     @property
     def model_id(self) -> str:

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from service.backends.base import CacheStats
+
 log = logging.getLogger(__name__)
 
 
@@ -172,13 +174,6 @@ def forward_step(lfm: torch.nn.Module, embeddings: torch.Tensor, step: StepCache
               **{_cache_kwarg(lfm): step})  # fmt: skip
     step.advance()
     return out.last_hidden_state
-
-
-class CacheStats:
-    """Process-wide prefix-cache counters (exported as metrics)."""
-
-    def __init__(self) -> None:
-        self.fallbacks = 0  # rollbacks that could not keep the prefix and ran a full prefill
 
 
 class PrefixCache:

@@ -253,6 +253,7 @@ class BatchedLFM2Engine(Engine):
     def __init__(self, backend: LFM2Backend, *, max_batch: int, prefill_chunk: int) -> None:
         super().__init__(backend)
         self._lfm2 = backend
+        self.backend = backend
         self.max_batch = max(1, int(max_batch))
         self.prefill_chunk = max(1, int(prefill_chunk))
         self._cond = threading.Condition()
