@@ -141,10 +141,19 @@ def _check_turn(turn: Any, param: str) -> dict[str, Any] | None:
         raise ClientError("idle_timeout_ms is not supported", f"{param}.idle_timeout_ms", "unsupported")
     if kind == "semantic_vad" and turn.get("eagerness") not in (None, *EAGERNESS):
         raise ClientError(f"{param}.eagerness must be low, medium, high or auto", f"{param}.eagerness")
-    for name, kinds in (("threshold", (int, float)), ("prefix_padding_ms", (int,)), ("silence_duration_ms", (int,))):
+    # the contract's ranges (service/options.py), checked here so that session.updated never echoes a value
+    # the server will refuse
+    for name, kinds, low, high in (
+        ("threshold", (int, float), 0.05, 0.95),
+        ("prefix_padding_ms", (int,), 0, 2000),
+        ("silence_duration_ms", (int,), 100, 5000),
+    ):
         value = turn.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
-            raise ClientError(f"{param}.{name} must be a number", f"{param}.{name}")
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
+            raise ClientError(f"{param}.{name} must be a number from {low} to {high}, got {value!r}",
+                              f"{param}.{name}")  # fmt: skip
     if turn.get("interrupt_response") not in (None, True, False):
         raise ClientError(f"{param}.interrupt_response must be a boolean", f"{param}.interrupt_response")
     return {k: v for k, v in turn.items() if k in ("type", "threshold", "prefix_padding_ms", "silence_duration_ms",
