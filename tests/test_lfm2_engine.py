@@ -613,9 +613,9 @@ def test_batched_depthformer_equals_the_package_row_for_row(tiny_backend: LFM2Ba
     model = tiny_backend.model
     hidden = torch.randn(5, model.lfm.config.hidden_size, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        frames_out, bad = sample_frames(model, hidden, [(None, None)] * 5)
+        frames_out, ok = sample_frames(model, hidden, [(None, None)] * 5)
         single = [model._sample_audio_frame(h) for h in hidden]
-    assert bad == [] and frames_out.tolist() == [f.tolist() for f in single]
+    assert ok.all() and frames_out.tolist() == [f.tolist() for f in single]
 
 
 def test_sample_rows_follows_each_rows_parameters() -> None:
@@ -624,8 +624,8 @@ def test_sample_rows_follows_each_rows_parameters() -> None:
     seen: list[set[int]] = [set() for _ in params]
     torch.manual_seed(0)
     for _ in range(200):
-        tokens, bad = sample_rows(logits.clone(), params)
-        assert bad == [3]  # non-finite probabilities fail that row only
+        tokens, ok = sample_rows(logits.clone(), params)
+        assert ok.tolist() == [True, True, True, False]  # non-finite probabilities fail that row only
         for i, token in enumerate(tokens.tolist()):
             seen[i].add(token)
     assert seen[0] == {1}  # greedy
@@ -650,3 +650,66 @@ def test_engine_bench_runs_on_the_tiny_model(tiny_dir: Path, tmp_path: Path) -> 
     assert points[("batched", 3)]["rows_per_step"] > 1  # the three conversations shared steps
     assert report["decode"][0]["audio_s_per_s"] > 0
     assert bench.main(["--model", str(tiny_dir), "--check", "--steps", "10"]) == 0
+
+
+# -- waiting for the device ---------------------------------------------------------------------
+
+SYNCS = ("item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__int__", "__float__", "__index__")
+
+
+def test_a_decode_step_waits_for_the_device_at_most_once(
+    batched: Callable[..., BatchedLFM2Engine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a GPU every device-to-host read stalls the step until the device is
+    done. On the CPU stand-in the same reads are counted: each tensor method
+    that would wait (`.item()`, `.tolist()`, `.cpu()`, truth values, ...),
+    called on the engine thread during a step's forward and sampling, for
+    rows that mix text and audio, greedy and sampled."""
+    engine = batched(max_batch=4)
+    state = threading.local()
+    per_step: list[int] = []
+
+    def counting(name: str) -> Callable[..., Any]:
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            if getattr(state, "counting", False):
+                state.syncs += 1
+            return original(self, *args, **kwargs)
+
+        return wrapper
+
+    def step(method: Callable[[], int], first: bool) -> Callable[[], int]:
+        def wrapped() -> int:
+            if first:
+                state.syncs = 0
+            state.counting = True
+            try:
+                ran = method()
+            finally:
+                state.counting = False
+            if not first and ran:
+                per_step.append(state.syncs)
+            return ran
+
+        return wrapped
+
+    engine._forward = step(engine._forward, first=True)  # type: ignore[method-assign]
+    engine._sample = step(engine._sample, first=False)  # type: ignore[method-assign]
+    for name in SYNCS:
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    refs = [engine.open("", GenerateMode.CHAT) for _ in range(3)]
+    sinks = []
+    for i, ref in enumerate(refs):
+        sink = Sink(None, None)
+        temperature = 0.0 if i == 0 else 0.8  # one greedy row, two sampled
+        sampling = Sampling(temperature, 4, temperature, 4, 24)
+        sink.set_handle(engine.submit(GenerationRequest(ref, UserTurn(None, 16_000, f"turn {i}"), sampling), sink))
+        sinks.append(sink)
+    for sink in sinks:
+        sink.wait()
+        assert sink.error is None
+    for ref in refs:
+        engine.release(ref)
+    assert len(per_step) >= 20
+    assert max(per_step) <= 1, f"device waits per step: {per_step}"

@@ -633,6 +633,11 @@ class LFM2Backend(Backend):
         if wrong:
             log.warning("checkpoint %s: unexpected special tokens %s", label, wrong)
 
+    def synchronize(self) -> None:
+        """Wait for the device's queued work (a no-op on the CPU), before a time is read."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def new_cache(self) -> ConversationCache:
         return ConversationCache(list(self.model.lfm.config.layer_types or ()))
 

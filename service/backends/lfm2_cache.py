@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,6 +129,15 @@ class ConversationCache:
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length
+
+
+def to_device(values: Sequence[float] | Sequence[int], device: torch.device) -> torch.Tensor:
+    """A small host list on `device` without waiting for the device: on CUDA
+    the copy goes from pinned memory and does not block (a plain
+    `torch.tensor(values, device=...)` synchronises the stream)."""
+    if device.type != "cuda":
+        return torch.tensor(values, device=device)
+    return torch.tensor(values, pin_memory=True).to(device, non_blocking=True)
 
 
 def _cache_kwarg(lfm: torch.nn.Module) -> str:
@@ -406,7 +416,7 @@ class StepCache:
         self._span = max(lengths) + 1
         device = slots.device
         self._rows = torch.arange(stop - start, device=device)
-        at = torch.tensor(lengths, device=device)
+        at = to_device(lengths, device)
         self._at = at
         self.positions = at[:, None]
         self.mask = (torch.arange(self._span, device=device)[None, :] <= at[:, None])[:, None, None, :]

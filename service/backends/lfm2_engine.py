@@ -85,7 +85,7 @@ from service.backends.lfm2 import (
     end_of_audio_filled,
     sampler_args,
 )
-from service.backends.lfm2_cache import SlotCache
+from service.backends.lfm2_cache import SlotCache, to_device
 from service.backends.lfm2_decode import inference
 from service.clock import now_ms
 
@@ -102,50 +102,53 @@ Params = tuple[float | None, int | None]  # the package's (temperature, top_k); 
 # -- batched sampling ---------------------------------------------------------------
 
 
-def sample_rows(logits: torch.Tensor, params: Sequence[Params]) -> tuple[torch.Tensor, list[int]]:
+def sample_rows(logits: torch.Tensor, params: Sequence[Params]) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row of `logits` (rows, vocab), by the package's rules:
     greedy is the argmax; otherwise the logits are divided by the
-    temperature, cut to the top k and sampled. Returns the tokens and the
-    rows whose probabilities are not finite (the package's sampler raises on
-    those; the caller fails them)."""
+    temperature, cut to the top k and sampled. Returns the tokens and, per
+    row, whether its probabilities were finite (the package's sampler raises
+    on those; the caller fails them). Both stay on the device: nothing here
+    waits for it."""
     tokens = logits.argmax(-1)
+    ok = torch.isfinite(logits).all(-1)
     sampled = [i for i, (temperature, _) in enumerate(params) if temperature is not None]
     if not sampled:
-        return tokens, []
+        return tokens, ok
     device = logits.device
-    rows = torch.tensor(sampled, device=device)
-    x = logits[rows].float() / torch.tensor([params[i][0] for i in sampled], device=device)[:, None]
+    rows = to_device(sampled, device)
+    temperatures = [t for t, _ in (params[i] for i in sampled) if t is not None]
+    x = logits[rows].float() / to_device(temperatures, device)[:, None]
     vocab = x.shape[-1]
     ks = [min(params[i][1] or vocab, vocab) for i in sampled]
-    kth = torch.topk(x, max(ks), dim=-1).values.gather(1, torch.tensor(ks, device=device)[:, None] - 1)
+    kth = torch.topk(x, max(ks), dim=-1).values.gather(1, to_device(ks, device)[:, None] - 1)
     probs = x.masked_fill(x < kth, -math.inf).softmax(-1)
     finite = torch.isfinite(probs).all(-1)
-    bad = [sampled[i] for i in (~finite).nonzero()[:, 0].tolist()]
-    if bad:
-        probs = torch.where(finite[:, None], probs, torch.ones_like(probs))  # let the others draw
+    ok[rows] = finite
+    probs = torch.where(finite[:, None], probs, torch.ones_like(probs))  # let the others draw
     tokens[rows] = torch.multinomial(probs, 1)[:, 0]
-    return tokens, bad
+    return tokens, ok
 
 
-def sample_frames(model: Any, hidden: torch.Tensor, params: Sequence[Params]) -> tuple[torch.Tensor, list[int]]:
+def sample_frames(model: Any, hidden: torch.Tensor, params: Sequence[Params]) -> tuple[torch.Tensor, torch.Tensor]:
     """The package's `_sample_audio_frame` for a batch of rows: `hidden`
     (rows, dim) -> frames (rows, codebooks), each codebook sampled from the
-    depthformer given the codes before it. All rows are at the same
+    depthformer given the codes before it, and per row whether every
+    codebook's probabilities were finite. All rows are at the same
     depthformer position, so the batch needs no mask."""
     rows, books, dim = hidden.shape[0], model.codebooks, model.depthformer_dim
     inputs = model.depth_linear(hidden).view(rows, books, dim)
     token = torch.zeros_like(inputs[:, 0])
     cache = None
     codes: list[torch.Tensor] = []
-    bad: set[int] = set()
+    ok = torch.ones(rows, dtype=torch.bool, device=hidden.device)
     for i in range(books):
         out, cache = model.depthformer.forward_cached((inputs[:, i] + token)[:, None, :], cache)
         logits = model.depth_embeddings[i].get_logits(out[:, 0])
-        code, failed = sample_rows(logits, params)
-        bad.update(failed)
+        code, finite = sample_rows(logits, params)
+        ok &= finite
         codes.append(code)
         token = model.depth_embeddings[i](code)
-    return torch.stack(codes, 1), sorted(bad)
+    return torch.stack(codes, 1), ok
 
 
 # -- engine-side records ----------------------------------------------------------------
@@ -441,7 +444,7 @@ class BatchedLFM2Engine(Engine):
         if sampled:
             self.stats.steps += 1
             self.stats.rows += sampled
-        if fed and decoding:
+        if fed and decoding:  # the time ends after `_sample`'s transfer, which waited for the device
             self.step_ms.add((time.perf_counter() - forward_started) * 1000)
         self.stats.running = len(self._prefilling) + len(self._decoding)
         if self._slots.slots and not self._decoding:
@@ -573,6 +576,7 @@ class BatchedLFM2Engine(Engine):
                 started = time.perf_counter()
                 hidden = self._lfm2.forward(embeddings[:, row.prefilled : row.prefilled + count], plan.cache)
                 if count >= self.MIN_CHUNK:
+                    self._lfm2.synchronize()  # the time feeds the prefill budget: count the device's work, not the launch
                     self.prefill_ms_per_position.add((time.perf_counter() - started) * 1000 / count)
                 row.prefilled += count
                 budget -= count
@@ -635,7 +639,9 @@ class BatchedLFM2Engine(Engine):
         rows[a].slot, rows[b].slot = a, b
 
     def _sample(self) -> int:
-        """Sample every row that has a hidden state; returns how many."""
+        """Sample every row that has a hidden state; returns how many. The
+        step's one wait for the device is here: every row's token or frame
+        and its finiteness come to the host in a single transfer."""
         rows = [row for row in self._decoding if row.hidden is not None and not row.handle.paused]
         if not rows:
             return 0
@@ -645,31 +651,41 @@ class BatchedLFM2Engine(Engine):
         for row in rows:
             assert row.steps is not None
             row.steps.begin()
-        results: list[tuple[_Row, int | None, np.ndarray | None]] = []
-        failed: list[tuple[_Row, BaseException]] = []
+        packed: list[torch.Tensor] = []
         if text:
             hidden = torch.stack([row.hidden for row in text if row.hidden is not None])
             logits = torch.nn.functional.linear(hidden, model.lfm.embed_tokens.weight)
-            tokens, bad = self._sample_text(text, logits)
+            tokens, text_ok = self._sample_text(text, logits)
             fed = model.lfm.embed_tokens(tokens)
-            for i, (row, token) in enumerate(zip(text, tokens.tolist(), strict=True)):
+            for i, row in enumerate(text):
                 row.fed = fed[i]
-                if i in bad:
-                    failed.append((row, RuntimeError("text probabilities are not finite")))
-                else:
-                    results.append((row, int(token), None))
+            packed += [tokens.long(), text_ok.long()]
         if audio:
             hidden = torch.stack([row.hidden for row in audio if row.hidden is not None])
-            frames, bad = self._sample_audio(audio, hidden)
+            frames, audio_ok = self._sample_audio(audio, hidden)
             frames = end_of_audio_filled(frames)
             fed = model.audio_embedding(frames + model.codebook_offsets).sum(1)
-            codes = frames.cpu().numpy().astype(np.int64)
             for i, row in enumerate(audio):
                 row.fed = fed[i]
-                if i in bad:
-                    failed.append((row, RuntimeError("audio probabilities are not finite")))
-                else:
+            packed += [frames.long().flatten(), audio_ok.long()]
+        host = torch.cat(packed).tolist()  # the one device-to-host transfer of the step
+        results: list[tuple[_Row, int | None, np.ndarray | None]] = []
+        failed: list[tuple[_Row, BaseException]] = []
+        n = len(text)
+        for row, token, ok in zip(text, host[:n], host[n : 2 * n], strict=True):
+            if ok:
+                results.append((row, token, None))
+            else:
+                failed.append((row, RuntimeError("text probabilities are not finite")))
+        if audio:
+            books = model.codebooks
+            flat = host[2 * n : 2 * n + len(audio) * books]
+            codes = np.asarray(flat, dtype=np.int64).reshape(len(audio), books)
+            for i, (row, ok) in enumerate(zip(audio, host[2 * n + len(audio) * books :], strict=True)):
+                if ok:
                     results.append((row, None, codes[i]))
+                else:
+                    failed.append((row, RuntimeError("audio probabilities are not finite")))
         ts = now_ms()
         for row in rows:
             row.hidden = None
@@ -679,11 +695,11 @@ class BatchedLFM2Engine(Engine):
             self._finish(row, None, exc)
         return len(rows)
 
-    def _sample_text(self, rows: list[_Row], logits: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    def _sample_text(self, rows: list[_Row], logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The text head's samples for `rows` (a seam the tests use to force tokens)."""
         return sample_rows(logits, [row.text_params for row in rows])
 
-    def _sample_audio(self, rows: list[_Row], hidden: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    def _sample_audio(self, rows: list[_Row], hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The audio head's frames for `rows` (a seam the tests use to force frames)."""
         return sample_frames(self._lfm2.model, hidden, [row.audio_params for row in rows])
 
