@@ -1,1 +1,1 @@
-"""Benchmarks: latency and scale of the voice-chat service (see the README's Benchmarks section)."""
+"""Benchmarks: latency, scale and the model (see docs/benchmarks.md)."""

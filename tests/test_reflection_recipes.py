@@ -1,4 +1,4 @@
-"""The `buf curl` recipes of README.md, run as written against the
+"""The `buf curl` recipes of docs/clients.md, run as written against the
 in-process server: reflection only, no proto files.
 
 grpcurl is not in any registry these machines reach; `buf curl` speaks the same
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-README = REPO / "README.md"
+DOC = REPO / "docs" / "clients.md"
 BUF_BIN = REPO / "node_modules" / ".bin"
 RECIPE = re.compile(r"<!-- recipe: ([\w-]+) -->\s*```sh\n(.*?)```", re.DOTALL)
 
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def recipes() -> dict[str, str]:
-    return dict(RECIPE.findall(README.read_text()))
+    return dict(RECIPE.findall(DOC.read_text()))
 
 
 async def run_recipe(name: str, target: str) -> str:
@@ -58,7 +58,7 @@ def _skip_space(text: str, position: int) -> int:
     return position
 
 
-def test_readme_has_every_recipe() -> None:
+def test_docs_have_every_recipe() -> None:
     assert set(recipes()) == {"list-services", "list-methods", "health", "generate", "converse"}
 
 
