@@ -132,6 +132,9 @@ class _Speculation:
     user: UserInput | None = None  # set when the turn is committed
     discarded: bool = False
     decided: asyncio.Event = field(default_factory=asyncio.Event)  # committed or discarded
+    # history edits the client asked for meanwhile (a truncation), applied once
+    # the speculative response is undone, so that the undo cannot revert them
+    after_undo: list[Callable[[], None]] = field(default_factory=list)
 
 
 @dataclass
@@ -172,6 +175,9 @@ class ChatSession:
         self.response_count = 0
         self.current: ResponseRun | None = None
         self._speculative: _Speculation | None = None
+        # the latest speculation whose effect on the history is not settled yet
+        # (neither committed nor undone): history edits wait behind its undo
+        self._unsettled: _Speculation | None = None
         self.speculative_starts = 0
         self.speculative_discards = 0
         self._playback = _Playback()
@@ -436,6 +442,7 @@ class ChatSession:
             self._speculative = None  # committed: no longer something to discard
             spec.user = user
             spec.decided.set()
+            self._settle(spec)  # its history is the conversation's now
             if spec.run is not None:
                 self._promote(spec)
         else:
@@ -486,7 +493,22 @@ class ChatSession:
 
     def _truncate(self, response_id: str, played_ms: int, required: bool) -> None:
         """Cut the latest response to what was heard, in the engine's order;
-        acknowledge with ResponseTruncated (or an error when it is too late)."""
+        acknowledge with ResponseTruncated (or an error when it is too late).
+
+        A speculative response not committed yet was generated on the history
+        before this cut: it is discarded (and started again on the cut
+        history), and the cut waits until its undo is queued, as if the
+        speculation had never happened."""
+        spec = self._speculative
+        self._discard_speculation()
+        if self._unsettled is not None:
+            self._unsettled.after_undo.append(lambda: self._cut(response_id, played_ms, required))
+        else:
+            self._cut(response_id, played_ms, required)
+        if spec is not None:
+            self._speculate(spec.audio, again=True)
+
+    def _cut(self, response_id: str, played_ms: int, required: bool) -> None:
         kept_frames = -(-played_ms // FRAME_MS)  # frames that were at least partly heard
 
         def cut(conversation: Conversation) -> AssistantTurn | None:
@@ -510,7 +532,14 @@ class ChatSession:
         )
 
     def _on_update(self, msg: pb.UpdateConfig) -> None:
-        self.options = apply_update(self.options, msg, self.runtime.settings)
+        before, self.options = self.options, apply_update(self.options, msg, self.runtime.settings)
+        spec = self._speculative
+        if spec is not None and self.options != before:
+            # the speculative response was started with the settings before: start
+            # it again with these (if they still allow speculation), as a response
+            # started at the commit would be
+            self._discard_speculation()
+            self._speculate(spec.audio, again=True)
         self._dispatch(self.tracker.update(self.options.turn))
 
     async def _end_of_input(self) -> None:
@@ -521,20 +550,22 @@ class ChatSession:
         await self._turns.put(None)
 
     # -- speculation ---------------------------------------------------------------
-    def _speculate(self, audio: np.ndarray) -> None:
-        """Start answering the turn so far, if nothing else is going on."""
+    def _speculate(self, audio: np.ndarray, again: bool = False) -> None:
+        """Start answering the turn so far, if nothing else is going on.
+        `again`: the speculation on this audio was just discarded and starts
+        anew (it may still wait in the queue, where it is skipped)."""
         turn = self.options.turn
         if not (turn.speculative and self.runtime.settings.speculative and self._can_speculate):
             return
         if turn.mode is TurnMode.MANUAL:
             return
-        if self._speculative or self.current or not self._turns.empty() or self._pending_text:
+        if self._speculative or self.current or self._pending_text or not (again or self._turns.empty()):
             return
         if self._draining or self.outbox.end is not None or not len(audio):
             return
         if self.engine.stats.waiting:
             return  # the model is saturated: a speculative row would take a committed turn's place
-        self._speculative = spec = _Speculation(audio)
+        self._speculative = self._unsettled = spec = _Speculation(audio)
         self.speculative_starts += 1
         self._turns.put_nowait(spec)
 
@@ -546,6 +577,15 @@ class ChatSession:
         spec.decided.set()
         if spec.run is not None:
             spec.run.stop(pb.RESPONSE_STATUS_CANCELLED, "speculation discarded")
+
+    def _settle(self, spec: _Speculation) -> None:
+        """The speculation was committed, or its undo is queued (or it never
+        touched the history): the edits that waited for it go to the engine now."""
+        if self._unsettled is spec:
+            self._unsettled = None
+        edits, spec.after_undo = spec.after_undo, []
+        for edit in edits:
+            edit()
 
     def _promote(self, spec: _Speculation) -> None:
         """The turn was committed with the speculation's audio: let it be seen."""
@@ -559,6 +599,7 @@ class ChatSession:
     async def _run_speculation(self, spec: _Speculation) -> None:
         if spec.discarded:
             self.speculative_discards += 1
+            self._settle(spec)
             return
         try:
             snapshot = await asyncio.wrap_future(self.engine.edit(self.conversation, Conversation.snapshot))
@@ -568,6 +609,7 @@ class ChatSession:
             self._can_speculate = False
             if self._speculative is spec:
                 self._speculative = None
+            self._settle(spec)
             if spec.user is not None:
                 await self._respond(spec.user)
             return
@@ -588,6 +630,7 @@ class ChatSession:
             # never committed: undo it as if it had not happened
             self.speculative_discards += 1
             self._edit(lambda c: c.restore(snapshot), "undo a speculative response")
+            self._settle(spec)
             return
         assert spec.user is not None
         self._finish_response(run, result, spec.user)
