@@ -72,7 +72,6 @@ EXIT_GRACE_PERIOD = 60  # Modal's SIGTERM-to-SIGKILL window; must exceed DRAIN_S
 KEEPALIVE_SECONDS = 20  # server HTTP/2 pings on the hop from Modal's proxy to the container
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PYPROJECT = REPO_ROOT / "pyproject.toml"
 
 # What `python -m service` reads from the environment inside the container
 # (service/config.py); the auth token comes from the `voicechat-auth` Secret.
@@ -89,19 +88,15 @@ SERVER_ENV: dict[str, str] = {
     "HF_HUB_OFFLINE": "1",  # serve only what `--action download` put on the Volume
 }
 
-# The image reads pyproject.toml when it is built (on the deploying machine), so
-# the pins live in one place: the service's dependencies plus the `model` extra
-# (torch, torchaudio, liquid-audio). `pip_install_from_pyproject` opens the file
-# only then, not at import, which keeps this module importable in containers.
-PYPROJECT_EXTRAS = ["model"]
-# Installed without their dependencies, as `make venv` does (the Makefile's pin
-# must match; a test checks): pipecat-ai carries Smart Turn for semantic turn
-# detection, and its own pins conflict with the service's.
-NO_DEPS_PACKAGES = ["pipecat-ai==1.14.0"]
+# The image installs requirements.lock, the same file `make venv` and CI install:
+# every package pinned with its hashes, the packages that go without their
+# dependencies (pipecat-ai) included, so `--no-deps` installs exactly the lock.
+# The file is read when the image is built (on the deploying machine), not at
+# import, which keeps this module importable in containers.
+LOCK_FILE = REPO_ROOT / "requirements.lock"
 image = (
     modal.Image.debian_slim(python_version=PYTHON_VERSION)
-    .pip_install_from_pyproject(str(PYPROJECT), optional_dependencies=PYPROJECT_EXTRAS)
-    .pip_install(*NO_DEPS_PACKAGES, extra_options="--no-deps")
+    .pip_install_from_requirements(str(LOCK_FILE), extra_options="--no-deps --require-hashes")
     .env({"HF_HOME": HF_HOME, "PYTHONUNBUFFERED": "1"})
     .add_local_python_source(*LOCAL_PACKAGES)  # last: mounted at start, no rebuild on edits
 )

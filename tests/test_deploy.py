@@ -207,23 +207,43 @@ def test_server_env_is_what_the_container_gets_and_what_settings_read(server_def
     assert env["HF_HUB_OFFLINE"] == "1", "serve only the downloaded revision"
 
 
-def test_image_python_and_pins_match_pyproject() -> None:
+def _image_dockerfiles(image: Any) -> list[Any]:
+    """The Dockerfile spec (commands and context files) of every build layer of `image`, base first."""
+    img = synchronizer._translate_in(image)
+    cells = _closure(img._load)
+    if "base_image" in cells:
+        return _image_dockerfiles(cells["base_image"])
+    specs: list[Any] = []
+    for base in cells["base_images"].values():
+        specs += _image_dockerfiles(base)
+    if cells["dockerfile_function"] is not None:
+        specs.append(cells["dockerfile_function"](LATEST_IMAGE_BUILDER_VERSION))
+    return specs
+
+
+def test_image_installs_exactly_the_lock() -> None:
+    """The image installs requirements.lock, the file `make venv` and CI install,
+    by hash and without resolving anything else; so what is deployed is what
+    the tests ran."""
     layers = _image_layers(modal_app.image)
     assert layers[0][0].startswith(f"FROM python:{modal_app.PYTHON_VERSION}")
     assert modal_app.PYTHON_VERSION in SpecifierSet(PYPROJECT["project"]["requires-python"])
-    installs = [c for layer in layers for c in layer if "pip install" in c and layer[0] == "FROM base"]
-    assert len(installs) == 2, installs
-    installed = shlex.split(installs[0].split("pip install", 1)[1])
-    # the second layer: the packages installed without their dependencies, as `make venv` does
-    no_deps = shlex.split(installs[1].split("pip install", 1)[1])
-    assert "--no-deps" in no_deps and [a for a in no_deps if not a.startswith("-")] == modal_app.NO_DEPS_PACKAGES
+    installs = [
+        (spec, c) for spec in _image_dockerfiles(modal_app.image) for c in spec.commands if "pip install" in c
+    ][1:]  # the first is the base image's own `pip install --upgrade pip wheel uv`
+    assert len(installs) == 1, installs
+    spec, command = installs[0]
+    args = shlex.split(command.split("pip install", 1)[1])
+    assert {"--no-deps", "--require-hashes"} <= set(args)
+    (remote,) = [args[i + 1] for i, a in enumerate(args) if a == "-r"]
+    local = Path(spec.context_files[remote])
+    assert local.resolve() == (REPO_ROOT / "requirements.lock").resolve()
     makefile = (REPO_ROOT / "Makefile").read_text()
-    for pin in modal_app.NO_DEPS_PACKAGES:
-        assert f"pip install -q --no-deps {pin}" in makefile
-    assert sorted(installed) == sorted(RUNTIME_DEPENDENCIES)
-    assert modal_app.PYPROJECT_EXTRAS == ["model"]
+    assert "uv pip sync -q --require-hashes requirements.lock" in makefile, "make venv installs the same file"
+    lock = local.read_text()
     for name in PINNED:
-        assert f"{name}=={_pin(RUNTIME_REQUIREMENTS, name)}" in installed
+        assert f"\n{name}=={_pin(RUNTIME_REQUIREMENTS, name)} " in lock, name
+    assert "\npipecat-ai==" in lock, "the packages installed without their dependencies are in the lock too"
     assert f"ENV HF_HOME={modal_app.HF_HOME}" in [c for layer in layers for c in layer]
     assert modal_app.HF_HOME.startswith(modal_app.WEIGHTS_DIR + "/")
 
