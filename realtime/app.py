@@ -69,6 +69,14 @@ class BridgeSettings:
                 f"max_message_bytes={self.max_message_bytes})")  # fmt: skip
 
 
+class _NoHandshakeDebug(logging.Filter):
+    """Drops the websockets library's debug lines: they print every handshake header, Authorization and the
+    subprotocol carrying a client secret included."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno <= logging.DEBUG and "websockets" in record.pathname)
+
+
 class _Secrets:
     """Short-lived client secrets: value -> (expiry, session object). Bounded by MAX_SECRETS."""
 
@@ -222,8 +230,12 @@ class RealtimeBridge:
     async def start(self) -> int:
         """Connect the gRPC client and listen; returns the bound port."""
         self._client = await self._stack.enter_async_context(VoiceChatClient.connect(options=self.settings.connection))
+        uvicorn_log = logging.getLogger("uvicorn.error")
+        if not any(isinstance(f, _NoHandshakeDebug) for f in uvicorn_log.filters):
+            uvicorn_log.addFilter(_NoHandshakeDebug())
         config = uvicorn.Config(
             self.app,
+            ws="websockets-sansio",  # awaits the transport's drain: a slow reader pushes back on the relay
             lifespan="off",
             log_config=None,
             access_log=False,
