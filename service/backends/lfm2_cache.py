@@ -263,10 +263,8 @@ class SlotCache:
     data; a decode step writes each row's new key at its own length and
     attends over the longest row with a mask. The alternative, gathering
     per-row caches into a left-padded batch every step, copies every row's
-    whole KV per step: measured on the full-size model in bf16 on 2 CPU
-    cores, 11.8 ms per step at 16 rows of 300 positions, 15.5 ms at 32 rows,
-    39 ms at 16 rows of 1000 (a backbone step is 155-184 ms). Here a step
-    copies no KV; a row's cache is copied once when it joins and once when
+    whole KV per step, a cost that grows with rows and positions
+    (docs/benchmarks.md). Here a step copies no KV; a row's cache is copied once when it joins and once when
     it leaves.
 
     A conversation's cache is copied in when its row starts decoding

@@ -76,11 +76,9 @@ def resolve_dtype(device: torch.device, dtype: str | None) -> torch.dtype:
     """The model dtype: `dtype` when given, else bf16 on GPU and, by
     measurement, on CPUs with native bf16 matmuls; fp32 on other CPUs.
 
-    On a 2-core Xeon with AMX (full-size random weights, batched engine,
-    context 300) bf16 was as fast as fp32 for one row (132 vs 133 ms per
-    backbone step), 2.9x faster at 16 rows (155 vs 443 ms), 3.1x at 32 rows
-    (184 vs 576 ms) and 3.8x faster in prefill (614 vs 2336 ms for 256
-    positions). Without those instructions bf16 falls back to slow kernels,
+    On a CPU with AMX, bf16 was as fast as fp32 for one row and several
+    times faster for a batch and for prefill (docs/benchmarks.md, "CPU
+    dtype"). Without those instructions bf16 falls back to slow kernels,
     so fp32 stays the default there. Exact comparisons (the tests) ask for
     fp32 explicitly."""
     if dtype is None:
