@@ -220,7 +220,7 @@ async def compare(args: argparse.Namespace) -> dict[str, Any]:
     print(comparison_table(tuned, baseline))
     print("end of speech = the last audio chunk sent; server overhead = receive time - ready_ts_ms (event ready "
           "in the server); model step -> received = receive time - source_ts_ms (newest model step in the event, "
-          "so it includes decoding and waiting for a decode batch); definitions: README.md, Benchmarks")
+          "so it includes decoding and waiting for a decode batch); definitions: docs/benchmarks.md")
     checked = targets(tuned, baseline)
     print()
     print(_targets_text(checked))

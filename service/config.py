@@ -2,8 +2,8 @@
 
 Every field can be set by a command-line flag (`--max-sessions 32`) or an
 environment variable (`VOICECHAT_MAX_SESSIONS=32`); flags win over the
-environment, the environment over the defaults below. The README's
-configuration table is this file.
+environment, the environment over the defaults below. The configuration
+table in docs/operations.md is generated from this file (`make docs`).
 """
 
 from __future__ import annotations
