@@ -35,7 +35,7 @@ def load(folder: Path = RESULTS) -> list[tuple[Path, dict[str, Any]]]:
 
     def rank(item: tuple[Path, dict[str, Any]]) -> tuple[int, str]:
         bench = item[1]["bench"]
-        return (ORDER.index(bench) if bench in ORDER else len(ORDER), item[0].name)
+        return (ORDER.index(bench) if bench in ORDER else len(ORDER), item[0].stem)
 
     return sorted(found, key=rank)
 
