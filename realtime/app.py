@@ -117,6 +117,7 @@ class RealtimeBridge:
         self._server: uvicorn.Server | None = None
         self._socket: socket.socket | None = None
         self.sessions: set[RealtimeSession] = set()
+        self.session_class = RealtimeSession  # bench.realtime times the relay with a subclass
         self._idle = asyncio.Event()  # set while no session runs
         self._idle.set()
         self.app = Starlette(routes=[
@@ -215,7 +216,7 @@ class RealtimeBridge:
         # browsers close a connection whose server picks none of the subprotocols they offered
         await ws.accept(subprotocol="realtime" if "realtime" in offered else None)
         assert self._client is not None
-        session = RealtimeSession(ws, self._client, initial)
+        session = self.session_class(ws, self._client, initial)
         self.sessions.add(session)
         self._idle.clear()
         try:
