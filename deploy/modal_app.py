@@ -225,3 +225,56 @@ def main(action: str = "url") -> None:
         print(f"{target}: {check_health(target)}")
     else:
         raise SystemExit(f"unknown --action {action!r}: choose download, url or health")
+
+
+# -- the realtime bridge (docs/realtime.md) ------------------------------------------
+# The GPU Server routes its one port over HTTP/2 to gRPC, so the OpenAI-Realtime-compatible WebSocket bridge
+# and its browser page run as a web function of their own, on CPU, dialing the Server's stable address like
+# any gRPC client. It is an app of its own, so that `modal deploy deploy/modal_app.py` (the GPU Server) and
+# the actions' `ops` app stay as they are:
+#
+#     modal deploy deploy/modal_app.py::realtime_app     # https://<workspace>--voicechat-realtime.modal.run
+#
+# Browsers and agents reach it at wss://<workspace>--voicechat-realtime.modal.run/v1/realtime; it requires the
+# service token (or a client secret made with it) and dials the Server with the same token.
+REALTIME_APP_NAME = "voicechat-realtime"
+REALTIME_LABEL = "voicechat-realtime"  # the web address: <workspace>--voicechat-realtime.modal.run
+REALTIME_CPU = 1.0  # JSON and base64 per 40 ms audio chunk: ~0.2 ms of CPU per delta (bench.realtime)
+REALTIME_MEMORY_MIB = 1024
+REALTIME_MAX_INPUTS = MAX_CONTAINERS * MAX_CONCURRENCY  # every conversation the GPU Servers can hold
+REALTIME_TIMEOUT = 3600 + 120  # one WebSocket is one input: the server's longest session plus its drain
+REALTIME_PACKAGES = ("clients",)  # the bridge is a client of the contract; realtime/ is added with its page
+
+realtime_image = image.add_local_python_source(*REALTIME_PACKAGES).add_local_dir(
+    REPO_ROOT / "realtime", remote_path="/root/realtime", ignore=["**/__pycache__"]
+)
+realtime_app = modal.App(REALTIME_APP_NAME)
+
+
+def realtime_connection(url: str, token: str) -> tuple[str, bool, str]:
+    """(gRPC target, TLS, token) the bridge dials for the Server at `url`."""
+    return grpc_target(url), urllib.parse.urlsplit(url).scheme == "https", token
+
+
+@realtime_app.function(
+    image=realtime_image,
+    cpu=REALTIME_CPU,
+    memory=REALTIME_MEMORY_MIB,
+    secrets=[auth_secret],
+    min_containers=1,  # the page and agents get an answer at once; the GPU Server keeps its own warm one
+    max_containers=1,  # one bridge holds every conversation the GPU Servers can (REALTIME_MAX_INPUTS)
+    timeout=REALTIME_TIMEOUT,
+)
+@modal.concurrent(max_inputs=REALTIME_MAX_INPUTS)
+@modal.asgi_app(label=REALTIME_LABEL)
+def realtime() -> object:
+    """The bridge's ASGI app, dialing the deployed GPU Server over TLS with the service token."""
+    import os
+
+    from clients.connection import ConnectionOptions
+    from realtime.app import BridgeSettings, RealtimeBridge
+
+    target, tls, token = realtime_connection(server_url(), os.environ[AUTH_SECRET_KEY])
+    bridge = RealtimeBridge(BridgeSettings(connection=ConnectionOptions(target=target, tls=tls, token=token)))
+    log.info("realtime bridge dialing %s (TLS %s)", target, tls)
+    return bridge.app

@@ -113,6 +113,7 @@ class RealtimeBridge:
         self._secrets = _Secrets()
         self._token = settings.connection.token.encode()
         self._client: VoiceChatClient | None = None
+        self._connecting = asyncio.Lock()
         self._stack = AsyncExitStack()
         self._server: uvicorn.Server | None = None
         self._socket: socket.socket | None = None
@@ -164,9 +165,9 @@ class RealtimeBridge:
         return FileResponse(STATIC / "index.html", headers={"cache-control": "no-cache"})
 
     async def _health(self, request: Request) -> Response:
-        assert self._client is not None
+        client = await self._connected()
         try:
-            status = await self._client.health(deadline_s=2.0)
+            status = await client.health(deadline_s=2.0)
         except VoiceChatError as exc:
             return JSONResponse({"status": exc.code.name}, status_code=503)
         return JSONResponse({"status": status}, status_code=200 if status == "SERVING" else 503)
@@ -215,8 +216,7 @@ class RealtimeBridge:
         offered = [p.strip() for p in ws.headers.get("sec-websocket-protocol", "").split(",")]
         # browsers close a connection whose server picks none of the subprotocols they offered
         await ws.accept(subprotocol="realtime" if "realtime" in offered else None)
-        assert self._client is not None
-        session = self.session_class(ws, self._client, initial)
+        session = self.session_class(ws, await self._connected(), initial)
         self.sessions.add(session)
         self._idle.clear()
         try:
@@ -228,9 +228,18 @@ class RealtimeBridge:
 
     # -- lifecycle --------------------------------------------------------------------
 
+    async def _connected(self) -> VoiceChatClient:
+        """The gRPC client, connected on first use (a host that runs `app` itself, such as Modal, never
+        calls `start`)."""
+        async with self._connecting:
+            if self._client is None:
+                connect = VoiceChatClient.connect(options=self.settings.connection)
+                self._client = await self._stack.enter_async_context(connect)
+        return self._client
+
     async def start(self) -> int:
         """Connect the gRPC client and listen; returns the bound port."""
-        self._client = await self._stack.enter_async_context(VoiceChatClient.connect(options=self.settings.connection))
+        await self._connected()
         uvicorn_log = logging.getLogger("uvicorn.error")
         if not any(isinstance(f, _NoHandshakeDebug) for f in uvicorn_log.filters):
             uvicorn_log.addFilter(_NoHandshakeDebug())
