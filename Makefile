@@ -1,7 +1,8 @@
 # voicechat: LFM2-Audio voice chat over gRPC.
-#   make run     set up and serve the real model locally (needs the weights: make download)
-#   make demo    serve the deterministic backend and hold one turn with the file client
+#   make run     set up and serve the real model locally, with the browser page (needs the weights: make download)
+#   make demo    serve the deterministic backend, hold one turn with the file client, show the browser page
 #   make talk    talk to a running server with the microphone client
+#   make realtime  serve /v1/realtime and the browser page in front of a running server (ARGS="--target ...")
 #   make test    set up everything and run the test suite
 #   make check   lint (ruff, mypy, buf) and stub drift
 #   make bench   quick latency benchmark, tuned pipeline vs the old baseline
@@ -15,13 +16,15 @@ PY := $(VENV)/bin/python
 # the lock's uv pin (tests/test_lock.py keeps them equal)
 UV_VERSION := 0.13.9
 PORT ?= 50051
+# the OpenAI-Realtime-compatible WebSocket bridge and browser page (docs/realtime.md) of `make run` / `make demo`
+REALTIME_PORT ?= 8000
 ARGS ?=
 STAMP := $(VENV)/.installed
 PROTO := proto/voicechat/v1/voicechat.proto
 STUBS := voicechat/v1/voicechat_pb2.py voicechat/v1/voicechat_pb2_grpc.py voicechat/v1/voicechat_pb2.pyi
 
-.PHONY: help venv system-deps node-deps proto run serve-scripted demo talk download test check bench \
-        deploy modal-download modal-url tiny-model clean lock check-upgrades docs
+.PHONY: help venv system-deps node-deps proto run serve-scripted demo talk realtime download test check bench \
+        deploy deploy-realtime modal-download modal-url tiny-model clean lock check-upgrades docs
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -63,7 +66,8 @@ proto: $(STAMP)
 
 # -- serving ------------------------------------------------------------------------
 run: $(STAMP)
-	$(PY) -m service --backend lfm2 --port $(PORT) $(ARGS)
+	@echo "browser page and /v1/realtime: http://127.0.0.1:$(REALTIME_PORT)/ (once the model is loaded)"
+	$(PY) -m service --backend lfm2 --port $(PORT) --realtime-port $(REALTIME_PORT) $(ARGS)
 
 download: $(STAMP)
 	$(PY) scripts/download_model.py $(ARGS)
@@ -73,16 +77,21 @@ serve-scripted: $(STAMP)
 
 demo: $(STAMP)
 	@set -e; log=$$(mktemp); \
-	$(PY) -m service --backend scripted --scripted-step-ms 15 --port 0 > $$log 2>&1 & pid=$$!; \
+	$(PY) -m service --backend scripted --scripted-step-ms 15 --port 0 --realtime-port $(REALTIME_PORT) > $$log 2>&1 & pid=$$!; \
 	trap "kill $$pid 2>/dev/null; wait $$pid 2>/dev/null; rm -f $$log" EXIT; \
 	for i in $$(seq 100); do grep -q "serving on" $$log && break; sleep 0.1; done; \
 	port=$$(sed -n 's/.*serving on .*:\([0-9]*\)$$/\1/p' $$log); \
 	echo "scripted server on port $$port"; \
 	$(PY) -m clients.file --target 127.0.0.1:$$port --text "Hello from the demo" --out demo-reply.wav --show-metrics; \
-	echo "reply audio saved to demo-reply.wav"
+	echo "reply audio saved to demo-reply.wav"; \
+	sed -n 's/^realtime bridge on //p' $$log | sed 's/^/browser page and \/v1\/realtime: /'; \
+	if [ -t 0 ]; then read -r -p "open the page to talk to the scripted model; press Enter to stop " _; fi
 
 talk: $(STAMP)
 	$(PY) -m clients.mic --target 127.0.0.1:$(PORT) $(ARGS)
+
+realtime: $(STAMP)
+	$(PY) -m realtime --target 127.0.0.1:$(PORT) --port $(REALTIME_PORT) $(ARGS)
 
 tiny-model: $(STAMP)
 	$(PY) scripts/make_tiny_model.py models/tiny
@@ -111,6 +120,10 @@ docs: $(STAMP)
 # -- Modal deployment -----------------------------------------------------------------
 deploy: $(STAMP)
 	$(VENV)/bin/modal deploy deploy/modal_app.py
+
+# the realtime bridge's CPU web function (docs/realtime.md), dialing the deployed GPU Server
+deploy-realtime: $(STAMP)
+	$(VENV)/bin/modal deploy deploy/modal_app.py::realtime_app
 
 modal-download: $(STAMP)
 	$(VENV)/bin/modal run deploy/modal_app.py --action download
