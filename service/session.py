@@ -533,8 +533,9 @@ class ChatSession:
 
     def _on_update(self, msg: pb.UpdateConfig) -> None:
         before, self.options = self.options, apply_update(self.options, msg, self.runtime.settings)
-        spec = self._speculative
-        if spec is not None and self.options != before:
+        spec, turn = self._speculative, self.options.turn
+        answers_otherwise = (self.options.sampling, self.options.trace) != (before.sampling, before.trace)
+        if spec is not None and (answers_otherwise or not turn.speculative or turn.mode is TurnMode.MANUAL):
             # the speculative response was started with the settings before: start
             # it again with these (if they still allow speculation), as a response
             # started at the commit would be

@@ -131,3 +131,13 @@ async def test_update_config_that_rules_out_speculation_discards_the_held_one(
     assert (held.reply.text, held.reply.status) == (plain.reply.text, plain.reply.status)
     assert held.reply.status == pb.RESPONSE_STATUS_COMPLETED
     assert not held.summary.speculative and held.summary.speculative_discards >= 1
+
+
+async def test_update_config_that_changes_nothing_of_the_answer_keeps_the_held_speculation(
+    start_server: StartServer,
+) -> None:
+    running = await start_server(scripted_step_ms=10)
+    same = pb.ConverseRequest(update_config=pb.UpdateConfig(trace=True))  # already on
+    held = await _paused_turn(running, True, [same], None)
+    assert held.summary.speculative and held.summary.speculative_starts == 1
+    assert held.summary.speculative_discards == 0 and held.reply.status == pb.RESPONSE_STATUS_COMPLETED
