@@ -32,6 +32,7 @@ from service.errors import StartupError, Undecodable
 from service.metrics import MetricsHTTPServer, ServiceMetrics, start_metrics_server, stop_metrics_server
 from service.servicer import Admission, VoiceChatServicer
 from service.session import Runtime
+from service.turn_pool import TurnPool
 from voicechat.v1 import voicechat_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -303,7 +304,7 @@ class VoiceChatServer:
             settings,
             backend,
             decode_pool=ThreadPoolExecutor(max(4, settings.max_sessions // 2), thread_name_prefix="decode"),
-            turn_pool=ThreadPoolExecutor(2, thread_name_prefix="turns"),
+            turn_pool=TurnPool(2),
             metrics=self.metrics,
         )
         self._runtime = runtime

@@ -65,6 +65,7 @@ from service.oneshot import transcribe
 from service.options import SessionOptions, apply_update, limits_to_proto, options_to_proto
 from service.outbox import Outbox, StreamEnd
 from service.pipeline import SAMPLES_PER_MS, OutputPolicy, ResponseResult, ResponseRun, UserInput
+from service.turn_pool import TurnPool
 from service.turns import (
     InterruptSpeech,
     SpeechPaused,
@@ -112,7 +113,7 @@ class Runtime:
     settings: Settings
     backend: Backend
     decode_pool: Executor  # audio decoding
-    turn_pool: Executor  # voice activity and end-of-turn detection
+    turn_pool: TurnPool  # voice activity and end-of-turn detection, shared fairly
     loaded_engine: Engine | None = None
     metrics: ServiceMetrics = field(default_factory=ServiceMetrics)
 
@@ -168,6 +169,7 @@ class ChatSession:
         # the engine creates the model-side state on its own thread
         self.conversation: ConversationRef = self.engine.open(options.system_prompt)
         self.tracker = TurnTracker(options.turn, options.input_sample_rate_hz)
+        self._turn_feed = runtime.turn_pool.feed(self.tracker, self._on_turn_events)
         self._turns: asyncio.Queue[UserInput | _Speculation | None] = asyncio.Queue(_MAX_QUEUED_TURNS + 1)
         self._group: asyncio.TaskGroup | None = None
         self._pending_text: list[str] = []
@@ -241,6 +243,7 @@ class ChatSession:
     def _shutdown(self) -> None:
         """Synchronous cleanup: nothing here can be skipped by a second cancel."""
         self.outbox.closed = True
+        self._turn_feed.close()
         for run in (self.current, self._speculative.run if self._speculative else None):
             if run is not None:
                 run.stop(pb.RESPONSE_STATUS_CANCELLED, "stream closed")
@@ -313,6 +316,8 @@ class ChatSession:
 
     async def _handle(self, request: pb.ConverseRequest) -> None:
         kind = request.WhichOneof("kind")
+        if kind != "audio":
+            await self._turn_feed.settle()  # requests apply after the audio sent before them
         if kind == "audio":
             await self._on_audio(request.audio.pcm16)
         elif kind == "text":
@@ -337,12 +342,19 @@ class ChatSession:
                 "audio.pcm16",
             )
         if self.options.turn.mode is TurnMode.MANUAL:
-            events = self.tracker.push(data)
+            self._dispatch(self.tracker.push(data))
         else:
-            # voice and end-of-turn detection run models: keep them off the event loop
-            loop = asyncio.get_running_loop()
-            events = await loop.run_in_executor(self.runtime.turn_pool, self.tracker.push, data)
-        self._dispatch(events)
+            # voice and end-of-turn detection run models in the shared turn pool; their
+            # events come back through _on_turn_events
+            await self._turn_feed.put(data)
+
+    def _on_turn_events(self, events: list[TurnEvent]) -> None:
+        if self.outbox.end is not None:
+            return  # the stream is ending: as a request would be, ignored
+        try:
+            self._dispatch(events)
+        except ServiceError as exc:
+            self._error(exc)
 
     def _dispatch(self, events: list[TurnEvent]) -> None:
         for event in events:
@@ -358,7 +370,7 @@ class ChatSession:
             elif isinstance(event, SpeechStopped):
                 # the detector confirms the end only after some silence: date the end
                 # of speech back by the audio received since (input arrives in real time)
-                self._speech_end_ts = now_ms() - (self.tracker.input_ms - event.audio_end_ms)
+                self._speech_end_ts = self._turn_feed.heard_ts(event.audio_end_ms)
                 self._put(speech_stopped=pb.SpeechStopped(audio_end_ms=int(event.audio_end_ms)))
             elif isinstance(event, TurnReady):
                 reason = pb.COMMIT_REASON_SERVER_VAD
@@ -545,6 +557,7 @@ class ChatSession:
 
     async def _end_of_input(self) -> None:
         """Half-close: answer what is pending, then end the stream cleanly."""
+        await self._turn_feed.settle()
         with contextlib.suppress(ServiceError):
             self._commit(self.tracker.commit("end_of_input"), pb.COMMIT_REASON_END_OF_INPUT)
         self._discard_speculation()
