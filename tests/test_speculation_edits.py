@@ -37,9 +37,9 @@ async def _feed(queue: asyncio.Queue, pcm16: bytes) -> None:
 
 
 def _held(session: ChatSession) -> bool:
-    """A speculative response is held: generated up to its first audio, not committed."""
+    """A speculative response is held: generated up to its first audio frame, not committed."""
     spec = session._speculative
-    return spec is not None and spec.run is not None and spec.run.held and spec.run.timing.decode_batches >= 1
+    return spec is not None and spec.run is not None and spec.run.held and spec.run.timing.tokens_before_audio >= 0
 
 
 async def _paused_turn(
