@@ -70,8 +70,9 @@ Cost of semantic mode: a judgement is Whisper features in numpy and the ONNX enc
 thread, usually one per turn, at most 8 per pause; numpy and onnxruntime release the GIL for most
 of it. The model is loaded once per process when the first semantic tracker first sees audio,
 never downloaded; a stream holds no state for it beyond a few counters. `TurnTracker.push` is
-meant to run in a worker thread in semantic mode, as in server VAD. The measured latency, CPU and
-memory of both modes are in docs/benchmarks.md.
+meant to run in a worker thread in semantic mode, as in server VAD; the server's `TurnPool`
+(service/turn_pool.py) shares those threads fairly between streams, at most one judgement at a time
+each. The measured latency, CPU and memory of both modes are in docs/benchmarks.md.
 
 Cost: an energy gate skips the model on windows below -60 dBFS (digital silence from a muted or
 idle client) once the model has seen a few of them, so that its recurrent state has settled on
