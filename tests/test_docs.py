@@ -59,7 +59,7 @@ PROGRAMS: dict[str, tuple[str, ...]] = {
     "scripts.bench_tables": ("scripts/bench_tables.py",),
 }
 MAKE_PROGRAMS = {"run": "service", "serve-scripted": "service", "demo": "service", "talk": "clients.mic",
-                 "download": "scripts/download_model.py", "bench": "bench.latency", "lock": "lock",
+                 "download": "scripts/download_model.py", "bench": "bench.latency", "lock": "lock", "realtime": "realtime",
                  "check-upgrades": "lock", "test": "pytest"}  # fmt: skip
 # Flags of the other tools the docs show: grpcurl, buf curl, modal, openssl, docker, pip, npm, uv, pytest,
 # the Node.js client's own parser (read from its source below), and scripts/lock.sh's uv options.
