@@ -99,6 +99,27 @@ async def test_a_truncate_while_a_speculation_is_held_applies_as_without_specula
     assert not plain.summary.speculative and plain.summary.speculative_starts == 0
 
 
+async def test_a_truncate_while_a_discarded_speculation_is_undone_is_not_reverted(start_server: StartServer) -> None:
+    # the user speaks again after the pause (the held speculation is discarded; its undo
+    # restores the history it saw) and the truncate arrives right behind that speech
+    running = await start_server(scripted_step_ms=10)
+    again = speech("and what about tomorrow in Paris", RATE, before_ms=0, after_ms=0).pcm16
+    split = 300 * RATE // 1000 * 2  # 300 ms: the speech is back
+    requests = [
+        pb.ConverseRequest(audio=pb.InputAudio(pcm16=again[:split])),
+        pb.ConverseRequest(truncate=pb.TruncateResponse(response_id="resp_1", audio_played_ms=400)),
+        pb.ConverseRequest(audio=pb.InputAudio(pcm16=again[split:])),
+    ]
+    plain = await _paused_turn(running, False, requests, "response_truncated")
+    held = await _paused_turn(running, True, requests, "response_truncated")
+    for outcome in (plain, held):
+        assert not outcome.of("error"), outcome.of("error")
+        assert [e.response_truncated.audio_kept_ms for e in outcome.of("response_truncated")] == [400]
+        assert outcome.reply.text.startswith("(You heard 400 ms of my last answer.)"), outcome.reply.text
+    assert held.reply.text == plain.reply.text
+    assert held.summary.speculative_discards >= 1
+
+
 async def test_update_config_while_a_speculation_is_held_applies_as_without_speculation(
     start_server: StartServer,
 ) -> None:
