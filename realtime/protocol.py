@@ -127,7 +127,7 @@ def _check_format(fmt: Any, param: str) -> None:
 
 
 def _check_turn(turn: Any, param: str) -> dict[str, Any] | None:
-    if turn is None:
+    if turn is None or turn is False:  # Pipecat sends false for "no turn detection"
         return None
     turn = _obj(turn, param)
     kind = turn.get("type")
@@ -212,8 +212,8 @@ def apply_session(state: SessionState, session: Any, param: str = "session") -> 
             where = f"{param}.audio.input"
             _unknown(inp, {"format", "transcription", "turn_detection", "noise_reduction"}, where)
             _check_format(inp.get("format"), f"{where}.format")
-            if inp.get("noise_reduction") is not None:
-                raise ClientError("noise_reduction is not supported", f"{where}.noise_reduction", "unsupported")
+            if inp.get("noise_reduction") is not None:  # accepted, no effect: the model hears the audio as sent
+                _obj(inp["noise_reduction"], f"{where}.noise_reduction")
             if "transcription" in inp:
                 transcription = inp["transcription"]
                 if transcription is not None:
@@ -269,6 +269,30 @@ def session_object(state: SessionState, started: pb.SessionStarted, expires_at: 
 # -- client input -------------------------------------------------------------------
 
 
+def response_params(params: dict[str, Any], state: SessionState) -> str:
+    """Check a `response.create`'s response object; returns its instructions ("" when none).
+
+    Fields set to null count as absent (LiveKit sends `instructions: null`)."""
+    instructions = ""
+    for key, value in params.items():
+        if value is None or key == "metadata":
+            continue
+        if key == "conversation" and value == "auto":
+            continue
+        if key == "output_modalities" and isinstance(value, list) and (value == ["text"]) == state.text_only:
+            continue
+        if key == "tool_choice" and value in ("auto", "none"):
+            continue
+        if key == "tools" and value == []:
+            continue
+        if key == "instructions" and isinstance(value, str):
+            instructions = value
+            continue
+        raise ClientError(f"response.{key} is not supported here: set it with session.update",
+                          f"response.{key}", "unsupported")  # fmt: skip
+    return instructions
+
+
 def decode_audio(value: Any, param: str = "audio") -> bytes:
     """Base64 PCM16 from an append event; ClientError when it is not."""
     if not isinstance(value, str):
@@ -316,7 +340,7 @@ _STATUS = {
 
 
 def assistant_item(item_id: str, text: str, status: str, text_only: bool) -> dict[str, Any]:
-    part = {"type": "text", "text": text} if text_only else {"type": "output_audio", "transcript": text}
+    part = {"type": "output_text", "text": text} if text_only else {"type": "output_audio", "transcript": text}
     return {"id": item_id, "object": "realtime.item", "type": "message", "role": "assistant", "status": status,
             "content": [part]}  # fmt: skip
 

@@ -38,6 +38,7 @@ from voicechat.v1 import voicechat_pb2 as pb
 log = logging.getLogger(__name__)
 
 SESSION_SECONDS = 3600  # reported as expires_at when the server sets no limit
+MAX_ITEMS = 64  # conversation items the bridge remembers for conversation.item.retrieve (older ones: not found)
 
 # WebSocket close codes for the ways a Converse stream ends (RFC 6455 section 7.4.1)
 CLOSE_CODES: dict[grpc.StatusCode, int] = {
@@ -96,12 +97,12 @@ class RealtimeSession:
         self.conv: Conversation | None = None
         self._conv_ready = asyncio.Event()
         self._started: pb.SessionStarted | None = None
-        self._used = False  # input went to the current stream: it can no longer be reopened
+        self._used = False  # audio went to the current stream, or a turn was committed: no more reopening
+        self._pending_texts: list[str] = []  # typed text of the turn in progress, re-sent when reopening
         self._responses: dict[str, _Response] = {}  # by response id, the latest few
         self._by_item: dict[str, str] = {}  # assistant item id -> response id
         self._active: str | None = None  # the response being generated
-        self._claimed = False  # a response.create was answered by a commit's response
-        self._commit_pending = False  # a commit or response.create asked the server for a response
+        self._awaiting_claim = False  # a client commit started a response that a response.create may claim
         self._speech_item: str | None = None  # user item of the speech in progress (server VAD)
         self._text_items: list[str] = []  # typed user items waiting for their turn
         self._last_item: str | None = None
@@ -110,6 +111,7 @@ class RealtimeSession:
         self._manual_bytes = 0
         self._expires_at = 0
         self._turn_items: dict[str, str] = {}  # turn id -> user item id, for input transcripts
+        self._items: dict[str, dict[str, Any]] = {}  # the latest MAX_ITEMS items, for conversation.item.retrieve
         self._default_tokens = 0  # the server's max_new_tokens default, for "inf"
 
     # -- plumbing ---------------------------------------------------------------
@@ -125,6 +127,12 @@ class RealtimeSession:
 
     def _new_item_id(self) -> str:
         return f"item_{next(self._item_ids):06d}"
+
+    def _remember(self, item: dict[str, Any]) -> None:
+        self._items.pop(item["id"], None)
+        self._items[item["id"]] = item
+        while len(self._items) > MAX_ITEMS:
+            del self._items[next(iter(self._items))]
 
     @property
     def _manual(self) -> bool:
@@ -143,6 +151,8 @@ class RealtimeSession:
             await stack.aclose()
             raise
         self._stack, self.conv, self._used = stack, conv, False
+        for text in self._pending_texts:  # typed items of a turn not yet committed move to the new stream
+            await conv.send_text(text, defer=True)
         assert conv.session is not None
         self._started = conv.session
         if self.state.max_output_tokens is None:
@@ -217,6 +227,7 @@ class RealtimeSession:
             "input_audio_buffer.clear": self._clear,
             "conversation.item.create": self._item_create,
             "conversation.item.truncate": self._truncate,
+            "conversation.item.retrieve": self._retrieve,
             "response.create": self._response_create,
             "response.cancel": self._response_cancel,
         }
@@ -300,7 +311,6 @@ class RealtimeSession:
         pcm = rt.decode_audio(event.get("audio"))
         if not pcm:
             return
-        self._used = True
         if self._manual:
             cap = self._limits.max_turn_ms * rt.RATE_HZ // 1000 * 2 or 1 << 24
             if self._manual_bytes + len(pcm) > cap:
@@ -312,6 +322,7 @@ class RealtimeSession:
         await self._send_audio(await self._conversation(), pcm)
 
     async def _send_audio(self, conv: Conversation, pcm: bytes) -> None:
+        self._used = True
         step = max(2, (self._limits.max_message_bytes or 1 << 20) // 2 // 2 * 2)  # well below the message limit
         for start in range(0, len(pcm), step):
             await conv.send_audio(pcm[start : start + step])
@@ -326,8 +337,12 @@ class RealtimeSession:
         if self._manual and not self._manual_bytes:
             raise ClientError("the input audio buffer is empty", "", "input_audio_buffer_commit_empty")
         await self._flush_manual(conv)
+        await self._commit_turn(conv)
+        self._awaiting_claim = True
+
+    async def _commit_turn(self, conv: Conversation) -> None:
         self._used = True
-        self._commit_pending = True
+        self._pending_texts = []
         await conv.commit()
 
     async def _clear(self, event: dict[str, Any]) -> None:
@@ -350,11 +365,12 @@ class RealtimeSession:
         conv = await self._conversation()
         given = item.get("id")
         item_id = given if isinstance(given, str) and given else self._new_item_id()
-        self._used = True
         await conv.send_text(text, defer=True)
+        self._pending_texts.append(text)
         self._text_items.append(item_id)
         prev, self._last_item = self._last_item, item_id
         body = rt.user_item(item_id, text=text)
+        self._remember(body)
         await self.send({"type": "conversation.item.added", "previous_item_id": prev, "item": body})
         await self.send({"type": "conversation.item.done", "previous_item_id": prev, "item": body})
 
@@ -362,32 +378,36 @@ class RealtimeSession:
         params = event.get("response") or {}
         if not isinstance(params, dict):
             raise ClientError("response must be an object", "response")
-        for key in params:
-            if key == "metadata" or (key == "conversation" and params[key] in ("auto", None)):
-                continue
-            if (
-                key == "output_modalities"
-                and params[key]
-                == rt.session_object(self.state, self._started or pb.SessionStarted(), 0)["output_modalities"]
-            ):
-                continue
-            raise ClientError(f"response.{key} is not supported: set it with session.update",
-                              f"response.{key}", "unsupported")  # fmt: skip
-        if self._commit_pending and not self._claimed:
-            # the server answers every commit at once; this response.create is that answer's
-            self._claimed = True
-            self._next_metadata = params.get("metadata")
+        instructions = rt.response_params(params, self.state)
+        if self._awaiting_claim:
+            # the server answers a commit at once; the response.create that follows it is that answer's
+            self._awaiting_claim = False
+            if instructions:
+                raise ClientError("response.instructions: the response to the committed audio has already "
+                                  "started", "response.instructions", "unsupported")  # fmt: skip
+            if self._active is not None:
+                self._responses[self._active].metadata = params.get("metadata")
+            else:
+                self._next_metadata = params.get("metadata")
             return
         if self._active is not None:
             raise ClientError(f"response {self._active} is in progress", "",
                               "conversation_already_has_active_response")  # fmt: skip
         conv = await self._conversation()
         await self._flush_manual(conv)
+        if instructions:
+            # the contract has no per-response instructions: they join the turn as its (last) text
+            await conv.send_text(instructions, defer=True)
         self._next_metadata = params.get("metadata")
-        self._claimed = True
-        self._commit_pending = True
-        self._used = True
-        await conv.commit()
+        await self._commit_turn(conv)
+
+    async def _retrieve(self, event: dict[str, Any]) -> None:
+        item_id = event.get("item_id")
+        item = self._items.get(item_id) if isinstance(item_id, str) else None
+        if item is None:
+            raise ClientError(f"no item {item_id!r} among this session's latest {MAX_ITEMS}",
+                              "item_id", "item_not_found")  # fmt: skip
+        await self.send({"type": "conversation.item.retrieved", "item": item})
 
     async def _response_cancel(self, event: dict[str, Any]) -> None:
         wanted = event.get("response_id")
@@ -463,6 +483,8 @@ class RealtimeSession:
             await self._response_ended(data)
         elif kind == "input_transcription":
             item_id = self._turn_items.pop(data.turn_id, None)
+            if item_id in self._items:
+                self._items[item_id]["content"][0]["transcript"] = data.text
             if item_id is not None:
                 await self.send({"type": "conversation.item.input_audio_transcription.completed", "item_id": item_id,
                                  "content_index": 0, "transcript": data.text,
@@ -472,6 +494,9 @@ class RealtimeSession:
             if truncated is not None:
                 resp = truncated
                 played = resp.truncate_ms.pop(0) if resp.truncate_ms else data.audio_kept_ms
+                if resp.item_id in self._items:  # what the model now remembers of the reply
+                    part = self._items[resp.item_id]["content"][0]
+                    part["transcript" if "transcript" in part else "text"] = data.heard_text
                 await self.send({"type": "conversation.item.truncated", "item_id": resp.item_id,
                                  "content_index": 0, "audio_end_ms": played})  # fmt: skip
         elif kind == "error":
@@ -495,6 +520,7 @@ class RealtimeSession:
             self._turn_items.pop(next(iter(self._turn_items)))
         prev, self._last_item = self._last_item, item_id
         item = rt.user_item(item_id, transcript=None)
+        self._remember(item)
         await self.send({"type": "input_audio_buffer.committed", "previous_item_id": prev, "item_id": item_id})
         await self.send({"type": "conversation.item.added", "previous_item_id": prev, "item": item})
         await self.send({"type": "conversation.item.done", "previous_item_id": prev, "item": item})
@@ -507,8 +533,6 @@ class RealtimeSession:
     async def _response_started(self, data: pb.ResponseStarted) -> None:
         resp = _Response(data.response_id, "item_" + data.response_id, metadata=self._next_metadata)
         self._next_metadata = None
-        self._commit_pending = False
-        self._claimed = False
         self._responses[resp.id] = resp
         while len(self._responses) > 8:  # truncate and cancel name recent responses only
             old = next(iter(self._responses))
@@ -535,6 +559,7 @@ class RealtimeSession:
         text = data.text
         status = "completed" if data.status == pb.RESPONSE_STATUS_COMPLETED else "incomplete"
         item = rt.assistant_item(resp.item_id, text, status, self.state.text_only)
+        self._remember(item)
         if self.state.text_only:
             await self.send({"type": "response.output_text.done", **where, "text": text})
         else:

@@ -62,7 +62,9 @@ def chromium(wav: Path, profile: Path):  # type: ignore[no-untyped-def]
 
 
 async def test_page_answers_a_spoken_turn(start_server: StartServer, tmp_path: Path) -> None:
-    running = await start_server(realtime_port=free_port(), scripted_step_ms=2)
+    # speculation off: a released speculative response can stall after its first text when audio arrives
+    # faster than real time (a server issue, seen over plain gRPC too); this test is about the page
+    running = await start_server(realtime_port=free_port(), scripted_step_ms=2, speculative=False)
     bridge = running.server.realtime
     assert bridge is not None
     wav = tmp_path / "turn.wav"
