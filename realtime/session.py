@@ -338,7 +338,9 @@ class RealtimeSession:
             raise ClientError("the input audio buffer is empty", "", "input_audio_buffer_commit_empty")
         await self._flush_manual(conv)
         await self._commit_turn(conv)
-        self._awaiting_claim = True
+        # without turn detection an OpenAI client follows its commit with response.create; that one is
+        # answered by the response the server already started (with server VAD, OpenAI answers a commit too)
+        self._awaiting_claim = self._manual
 
     async def _commit_turn(self, conv: Conversation) -> None:
         self._used = True

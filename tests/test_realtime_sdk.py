@@ -6,6 +6,7 @@ leave the session usable. The bridge runs standalone here, dialing the server li
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -309,7 +310,7 @@ async def test_bad_events_get_an_error_and_the_session_goes_on(
 ) -> None:
     async with connect(bridge) as conn:
         await until(conn, "session.created")
-        await conn.send_raw(__import__("json").dumps({"event_id": "evt_bad", **event}))
+        await conn.send_raw(json.dumps({"event_id": "evt_bad", **event}))
         error = (await until(conn, "error"))[-1].error
         assert (error.code, error.param) == (code, param), error
         assert error.event_id == "evt_bad"
@@ -341,3 +342,62 @@ async def test_malformed_frames_get_errors(bridge: RealtimeBridge) -> None:
         await conn.conversation.item.retrieve(item_id=done.output[0].id)
         retrieved = (await until(conn, "conversation.item.retrieved"))[-1].item
         assert retrieved.content[0].transcript == "Turn 1. You said: first."
+
+
+async def test_what_livekit_and_pipecat_send_is_accepted(bridge: RealtimeBridge) -> None:
+    fmt = {"type": "audio/pcm", "rate": 24_000}
+    livekit_session = {
+        "type": "realtime", "model": "lfm2", "output_modalities": ["audio"], "instructions": "You are helpful.",
+        "audio": {
+            "input": {"format": fmt, "noise_reduction": {"type": "near_field"},
+                      "transcription": {"model": "gpt-4o-mini-transcribe"},
+                      "turn_detection": {"type": "semantic_vad", "create_response": True, "eagerness": "auto",
+                                         "interrupt_response": True}},
+            "output": {"format": fmt, "speed": 1.0, "voice": "marin"},
+        },
+        "max_output_tokens": "inf", "tool_choice": "auto", "tracing": None,
+    }  # fmt: skip
+    async with connect(bridge) as conn:
+        await until(conn, "session.created")
+        await conn.send_raw(json.dumps({"type": "session.update", "session": livekit_session}))
+        events = await until(conn, "session.updated")
+        assert "error" not in types(events)
+        session = events[-1].session
+        assert session.audio.input.turn_detection.type == "semantic_vad"
+        assert session.instructions == "You are helpful."
+        # LiveKit's generate_reply: per-response instructions (sent as the turn's text) and its event id
+        response = {"instructions": "Greet the user", "metadata": {"client_event_id": "r1"}, "tool_choice": "auto"}
+        await conn.send_raw(json.dumps({"type": "response.create", "response": response}))
+        events = await until(conn, "response.done")
+        created = next(e for e in events if e.type == "response.created")
+        assert created.response.metadata == {"client_event_id": "r1"}
+        assert events[-1].response.output[0].content[0].transcript == "Turn 1. You said: Greet the user."
+        # Pipecat: turn_detection false, its context as items, response.create with output_modalities
+        off = {"type": "realtime", "audio": {"input": {"turn_detection": False}}}
+        await conn.send_raw(json.dumps({"type": "session.update", "session": off}))
+        assert (await until(conn, "session.updated"))[-1].session.audio.input.turn_detection is None
+        await conn.conversation.item.create(item={"id": "ctx_1", **user_message("From the context")})
+        added = (await until(conn, "conversation.item.added"))[-1]
+        assert added.item.id == "ctx_1"
+        await conn.send_raw(json.dumps({"type": "response.create", "response": {"output_modalities": ["audio"]}}))
+        events = await until(conn, "response.done")
+        assert "error" not in types(events)
+        assert events[-1].response.output[0].content[0].transcript == "Turn 2. You said: From the context."
+
+
+async def test_a_late_response_create_claims_the_commits_response(bridge: RealtimeBridge) -> None:
+    pcm = speech("Push to talk", 24_000).pcm16
+    async with connect(bridge) as conn:
+        await until(conn, "session.created")
+        await conn.session.update(session={"type": "realtime", "audio": {"input": {"turn_detection": None}}})
+        await until(conn, "session.updated")
+        await conn.input_audio_buffer.append(audio=base64.b64encode(pcm).decode())
+        await conn.input_audio_buffer.commit()
+        await until(conn, "response.done")  # the server answered the commit before the client asked
+        await conn.response.create()  # claims that response: no second one, no error
+        await conn.conversation.item.create(item=user_message("next"))
+        await conn.response.create()
+        events = await until(conn, "response.done")
+        assert "error" not in types(events)
+        assert types(events).count("response.created") == 1
+        assert events[-1].response.output[0].content[0].transcript == "Turn 2. You said: next."
