@@ -6,8 +6,8 @@
     python -m bench.engine --tiny --concurrency 1,4 --steps 12    # the whole path in seconds, anywhere
 
 The model is driven through the engine API (no server): the same backend
-serves a `ThreadedEngine` (the serial engine: each response takes the model
-in turns, step by step) and the `BatchedLFM2Engine`, one after the other at
+serves the scheduler with a batch of one (the serial engine: responses take
+the model one after another) and with a full batch, one after the other at
 each concurrency. Random weights have the published shapes, so every step
 costs what a real one costs; a response never ends by itself, so each runs
 to its step budget. The checkpoint is built once by
@@ -21,10 +21,10 @@ At each concurrency N, for each engine, N conversations play two turns:
    over the N (the burst is the worst case: N prefills queue);
 2. all N send a typed turn ("Go on.", a few positions: the cache holds the
    rest) and generate `--steps` steps: **aggregate model steps/s** counts
-   every conversation's steps in the window where all N are generating
-   (from the last conversation's first step to the first conversation's
-   last step), and **per-conversation steps/s** is each one's steps in that
-   window over its length (median over the N).
+   every conversation's steps after its first, over the span from the first
+   step of any to the last step of any (a batch of one runs the responses one
+   after another), and **per-conversation steps/s** is each one's steps over
+   its own span (median over the N).
 
 Audio decoding stays per response (`backend.new_decoder()` per response, as
 the pipeline does); `--decode` measures what that costs when N responses
@@ -58,8 +58,9 @@ from bench import results  # noqa: E402
 from bench.gpu import ensure_model  # noqa: E402
 from bench.lfm2_steps import cpu_name  # noqa: E402
 from service.backends.base import AssistantTurn, AudioFrame, EndReason, Sampling, TextToken  # noqa: E402
-from service.backends.engine import Engine, GenerationRequest, ThreadedEngine, UserTurn  # noqa: E402
 from service.backends.lfm2 import LFM2Backend  # noqa: E402
+from service.engine.api import Engine, GenerationRequest, UserTurn  # noqa: E402
+from service.engine.compose import batched_engine, serial_engine  # noqa: E402
 
 FIRST_AUDIO_STEPS = 7  # 6 text tokens, then the first frame (the chat pattern of the published config)
 
@@ -147,16 +148,16 @@ def measure(backend: LFM2Backend, engine: Engine, n: int, args: argparse.Namespa
     finally:
         for ref in refs:
             engine.release(ref)
-    # the window where every conversation is generating
-    start = max(s.times[0] for s in second)
-    end = min(s.times[-1] for s in second)
-    counts = [sum(start <= t <= end for t in s.times) for s in second]
-    window = end - start
+    # steps after each conversation's first one, over the span from the first step of any to the last
+    # of any (with a batch of one the responses run one after another, so there is no common window)
+    start = min(s.times[0] for s in second)
+    end = max(s.times[-1] for s in second)
+    counts = [len(s.times) for s in second]
     aggregate = per_conversation = None
-    if window > 0 and sum(counts) > n:
-        # each conversation's steps after its first one inside the window, over the window
-        aggregate = round((sum(counts) - n) / window, 2)
-        per_conversation = _median([(c - 1) / window for c in counts])
+    if end > start and sum(counts) > n:
+        aggregate = round((sum(counts) - n) / (end - start), 2)
+        per_conversation = _median([(len(s.times) - 1) / (s.times[-1] - s.times[0])
+                                    for s in second if s.times[-1] > s.times[0]])  # fmt: skip
     audio_ms = [s * 1000 for s in first_audio if s is not None]
     return Point(
         engine=engine.name,
@@ -183,11 +184,9 @@ def run_bench(backend: LFM2Backend, args: argparse.Namespace) -> list[Point]:
                 continue
             engine: Engine
             if kind == "serial":
-                engine = ThreadedEngine(backend, workers=n + 2)
+                engine = serial_engine(backend)
             else:
-                batched = backend.batched_engine(max(args.max_batch, n), args.prefill_chunk)
-                assert batched is not None
-                engine = batched
+                engine = batched_engine(backend, max(args.max_batch, n), args.prefill_chunk)
             engine.start()
             try:
                 point = measure(backend, engine, n, args)
@@ -197,7 +196,7 @@ def run_bench(backend: LFM2Backend, args: argparse.Namespace) -> list[Point]:
             print(f"{n:>3} conversations, {kind:<7}: first audio p50 {_s(point.first_audio_ms_p50)} ms "
                   f"(max {_s(point.first_audio_ms_max)}), {_s(point.aggregate_steps_per_s)} steps/s in all, "
                   f"{_s(point.per_conversation_steps_per_s)} per conversation "
-                  f"({point.window_steps} steps in the window, {point.wall_s} s)", flush=True)  # fmt: skip
+                  f"({point.window_steps} steps, {point.wall_s} s)", flush=True)  # fmt: skip
     return points
 
 
@@ -321,11 +320,11 @@ def check(backend: LFM2Backend, args: argparse.Namespace) -> bool:
         engine.release(ref)
         return out
 
-    serial = ThreadedEngine(backend, workers=2)
+    serial = serial_engine(backend)
+    serial.start()
     expected = [converse(serial, s, 0.0) for s in scripts]
     serial.close(60)
-    batched = backend.batched_engine(8, args.prefill_chunk)
-    assert batched is not None
+    batched = batched_engine(backend, 8, args.prefill_chunk)
     batched.start()
     got: list[Any] = [None] * len(scripts)
 

@@ -42,7 +42,14 @@ async def serve(argv: Sequence[str] | None = None) -> int:
             print(f"voicechat serving on {settings.host}:{port}", flush=True)  # noqa: T201 - for scripts
             if server.realtime is not None:
                 print(f"realtime bridge on {server.realtime.url}", flush=True)  # noqa: T201 - for scripts
-            await stopped
+            failed = asyncio.create_task(server.engine_failed.wait())
+            await asyncio.wait({stopped, failed}, return_when=asyncio.FIRST_COMPLETED)
+            failed.cancel()
+            if server.engine_failed.is_set():
+                log.critical("the model engine stopped (%r): exiting so that a new process takes over",
+                             server.engine_failure)  # fmt: skip
+                await server.stop(0)
+                return 3
         else:
             start.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -55,12 +55,14 @@ class Settings:
     warmup: bool = _opt(True, "Run a dummy generation and decode before serving.")
     # -- engine -------------------------------------------------------------
     engine: str = _opt("auto", "How conversations share the model: batched (one engine thread "
-                       "steps every generating conversation in one forward pass), serial (each "
-                       "response takes the model in turns, step by step: the old behaviour, for "
-                       "comparisons) or auto (batched for lfm2, serial for scripted).",
+                       "steps every generating conversation in one forward pass), serial (the same "
+                       "scheduler with a batch of one: each response takes the model in turns, for "
+                       "comparisons) or auto (batched).",
                        choices=("auto", "batched", "serial"))
-    max_batch: int = _opt(32, "Most responses generating in one batched forward; more wait "
-                          "in FIFO order.")
+    max_batch: int = _opt(32, "Most responses generating in one batched forward; more wait, "
+                          "committed turns first, round robin across sessions.")
+    max_queue_wait_s: float = _opt(120.0, "Longest wait for a place in the model; a request still "
+                                   "waiting then fails with RESOURCE_EXHAUSTED.")
     prefill_chunk: int = _opt(256, "Batched engine: most history positions prefilled per engine "
                               "iteration, so a long turn does not stall the others' decoding.")
     # -- scripted backend -----------------------------------------------------

@@ -33,7 +33,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from service.backends.base import Backend
-from service.backends.engine import EngineStats
+from service.engine.api import EngineStats
 from service.errors import StartupError
 from voicechat.v1 import voicechat_pb2 as pb
 

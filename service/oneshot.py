@@ -29,8 +29,8 @@ from service.backends.base import (
     TextToken,
     is_end_of_audio,
 )
-from service.backends.engine import Engine, GenerationRequest, UserTurn
 from service.config import Settings
+from service.engine.api import Engine, GenerationRequest, UserTurn
 from service.errors import Internal, InvalidArgument
 from service.options import check_system_prompt, resolve_sampling
 from voicechat.v1 import voicechat_pb2 as pb
@@ -82,13 +82,13 @@ class _CollectingSink:
 
 
 async def generate_once(
-    engine: Engine, system_prompt: str, mode: GenerateMode, user: UserTurn, sampling: Sampling
+    engine: Engine, system_prompt: str, mode: GenerateMode, user: UserTurn, sampling: Sampling, owner: str = ""
 ) -> OneShotResult:
     """Run one request on a fresh conversation; abort it if the caller is cancelled."""
     conversation = engine.open(system_prompt or engine.backend.default_system_prompt(mode), mode)
     sink = _CollectingSink(asyncio.get_running_loop())
     try:
-        handle = engine.submit(GenerationRequest(conversation, user, sampling), sink)
+        handle = engine.submit(GenerationRequest(conversation, user, sampling, owner=owner), sink)
         try:
             error = await asyncio.shield(sink.done)
         except asyncio.CancelledError:
@@ -108,13 +108,14 @@ def transcript_tokens(seconds: float) -> int:
     return 32 + int(8 * seconds)
 
 
-async def transcribe(engine: Engine, audio: np.ndarray, rate: int = 16_000) -> str:
-    """The text of a user turn (mono float32 at `rate`), by the model in ASR mode."""
+async def transcribe(engine: Engine, audio: np.ndarray, rate: int = 16_000, owner: str = "") -> str:
+    """The text of a user turn (mono float32 at `rate`), by the model in ASR mode;
+    `owner` (a session) is what the engine's per-session caps count against."""
     mode = GenerateMode.TRANSCRIBE
     sampling = dataclasses.replace(
         engine.backend.default_sampling(mode), max_new_tokens=transcript_tokens(len(audio) / rate)
     )
-    result = await generate_once(engine, "", mode, UserTurn(audio, audio_rate=rate), sampling)
+    result = await generate_once(engine, "", mode, UserTurn(audio, audio_rate=rate), sampling, owner)
     return result.text.strip()
 
 

@@ -14,7 +14,7 @@ every step to the event loop through a `StepSink` that uses
 
 A speculative response (started before its turn is committed) writes into a
 `HeldOutput` instead: nothing reaches the client until `promote()`, and the
-engine pauses it once its first audio is ready.
+engine pauses it at its first audio frame.
 
 Frames and tokens of one response are bounded by its max_new_tokens, so the
 step buffers need no further bound; what the client has not read is bounded by
@@ -47,8 +47,8 @@ from service.backends.base import (
     TextToken,
     is_end_of_audio,
 )
-from service.backends.engine import ConversationRef, Engine, GenerationRequest, RequestHandle, UserTurn
 from service.clock import now_ms
+from service.engine.api import ConversationRef, Engine, GenerationRequest, RequestHandle, UserTurn
 from service.outbox import Item, Outbox, SlowReader, WriteStats
 from voicechat.v1 import voicechat_pb2 as pb
 
@@ -192,8 +192,10 @@ class ResponseRun:
         decode_pool: Executor,
         trace: bool,
         speculative: bool = False,
+        owner: str = "",
     ) -> None:
         self.response_id = response_id
+        self._owner = owner  # the session: the engine shares the model round robin across owners
         self._engine = engine
         self._backend: Backend = engine.backend
         self._conversation = conversation
@@ -253,7 +255,7 @@ class ResponseRun:
         assert self._held is not None
         self._held.release()
         if self._handle is not None:
-            self._handle.resume()
+            self._handle.promote()  # a committed turn now: its class in the engine, and it goes on
 
     # -- the engine's side (called on the loop through _LoopSink) ------------
     def _on_started(self, ts: float) -> None:
@@ -297,7 +299,11 @@ class ResponseRun:
         loop = asyncio.get_running_loop()
         self.timing.start = now_ms()
         request = GenerationRequest(
-            self._conversation, UserTurn(user.audio, text=user.text), self._sampling, speculative=self.speculative
+            self._conversation,
+            UserTurn(user.audio, text=user.text),
+            self._sampling,
+            speculative=self.speculative,
+            owner=self._owner,
         )
         self._handle = self._engine.submit(request, _LoopSink(loop, self))
         if self.stopping:
@@ -425,8 +431,6 @@ class ResponseRun:
                 audio.ready_ts_ms = ready_ts
             self._audio_samples_sent += samples
             self._outbox.put(pb.ConverseResponse(audio_chunk=audio), self.stats, self.response_id)
-        if chunks and self.held and self._handle is not None:
-            self._handle.pause()  # speculation goes no further than its first audio
 
     def _result(self) -> ResponseResult:
         turn = AssistantTurn(list(self._steps))

@@ -26,8 +26,10 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from grpc_reflection.v1alpha._async import ReflectionServicer
 
 from realtime.app import RealtimeBridge, start_realtime
-from service.backends import Backend, create_backend, create_engine
+from service.backends import Backend
 from service.config import Settings
+from service.engine.compose import create_backend, create_engine
+from service.engine.scheduler import Scheduler
 from service.errors import StartupError, Undecodable
 from service.metrics import MetricsHTTPServer, ServiceMetrics, start_metrics_server, stop_metrics_server
 from service.servicer import Admission, VoiceChatServicer
@@ -278,8 +280,13 @@ class VoiceChatServer:
         self.metrics = ServiceMetrics()  # always counted; served over HTTP when settings.metrics_port is set
         self.metrics_port = 0
         self._metrics_http: MetricsHTTPServer | None = None
-        self._loading: asyncio.Future[None] | None = None
+        self._loading: asyncio.Future[Scheduler] | None = None
         self.realtime: RealtimeBridge | None = None  # the WebSocket bridge, when settings.realtime_port is set
+        # set when the engine stopped for good (its thread died): health is NOT_SERVING and
+        # `python -m service` exits non-zero so that the platform starts a new process
+        self.engine_failed = asyncio.Event()
+        self.engine_failure: BaseException | None = None
+        self._health_task: asyncio.Future[None] | None = None
 
     @property
     def servicer(self) -> VoiceChatServicer:
@@ -329,9 +336,10 @@ class VoiceChatServer:
         started = time.monotonic()
         # loading runs in a thread that a cancel cannot stop: stop() waits for it
         # before it frees the model, so the weights are never freed under a load
-        self._loading = asyncio.ensure_future(asyncio.to_thread(self._load, backend, settings.warmup))
-        await asyncio.shield(self._loading)
-        engine = create_engine(backend, settings)
+        self._loading = asyncio.ensure_future(asyncio.to_thread(self._load, backend, settings))
+        engine = await asyncio.shield(self._loading)
+        loop = asyncio.get_running_loop()
+        engine.on_failure(lambda error: self._post_engine_failure(loop, error))
         engine.start()
         runtime.loaded_engine = engine
         self.metrics.watch_engine(engine)
@@ -369,11 +377,30 @@ class VoiceChatServer:
             self._metrics_http = None
         log.info("server stopped")
 
+    def _post_engine_failure(self, loop: asyncio.AbstractEventLoop, error: BaseException) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the process is ending anyway
+            loop.call_soon_threadsafe(self._on_engine_failure, error)
+
+    def _on_engine_failure(self, error: BaseException) -> None:
+        """The watchdog: the engine's thread died (every request has ended with its error)."""
+        if self.engine_failed.is_set():
+            return
+        self.engine_failure = error
+        self.engine_failed.set()
+        if self._servicer is not None:
+            self._servicer.admission.draining = True  # new calls: UNAVAILABLE, "reconnect to another instance"
+        self._health_task = asyncio.ensure_future(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
+
     @staticmethod
-    def _load(backend: Backend, warmup: bool) -> None:
+    def _load(backend: Backend, settings: Settings) -> Scheduler:
+        """Load the weights and build the engine (warmed up, not started): in a thread."""
         backend.load()
-        if warmup:
+        if settings.warmup:
             backend.warmup()
+        engine = create_engine(backend, settings)
+        if settings.warmup:
+            engine.runner.warm_up()
+        return engine
 
     async def _close_model(self, grace: float) -> None:
         """Stop the engine's and the pools' threads, then free the model: the

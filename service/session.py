@@ -45,9 +45,9 @@ import grpc
 import numpy as np
 
 from service.backends.base import FRAME_MS, AssistantTurn, Backend, Conversation
-from service.backends.engine import ConversationRef, Engine
 from service.clock import now_ms
 from service.config import Settings
+from service.engine.api import ConversationRef, Engine
 from service.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -675,6 +675,7 @@ class ChatSession:
             decode_pool=rt.decode_pool,
             trace=self.options.trace,
             speculative=speculative,
+            owner=self.id,
         )
 
     async def _respond(self, user: UserInput) -> None:
@@ -729,7 +730,7 @@ class ChatSession:
     # -- helpers ---------------------------------------------------------------------
     async def _transcribe(self, turn_id: str, audio: np.ndarray) -> None:
         try:
-            text = await transcribe(self.engine, audio)
+            text = await transcribe(self.engine, audio, owner=self.id)
         except ServiceError as exc:
             self._error(exc)
             return

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 import numpy as np
 
 from service.backends.base import AudioFrame, EndReason, TextToken
-from service.backends.engine import RequestHandle
+from service.engine.api import RequestHandle
 from voicechat.v1 import voicechat_pb2 as pb
 
 Request = pb.ConverseRequest | float  # a float means: wait that many seconds

@@ -32,15 +32,11 @@ from service.backends.base import (
     Sampling,
     TextToken,
 )
-from service.backends.engine import (
-    ConversationRef,
-    Engine,
-    GenerationRequest,
-    ThreadedEngine,
-    UserTurn,
-)
 from service.backends.lfm2 import AUDIO_START, IM_END, TEXT_END, LFM2Backend
-from service.backends.lfm2_engine import BatchedLFM2Engine, sample_frames, sample_rows
+from service.engine.api import ConversationRef, Engine, GenerationRequest, TextStream, UserTurn
+from service.engine.compose import batched_engine
+from service.engine.lfm2_runner import sample_frames, sample_rows
+from service.engine.scheduler import Scheduler
 from tests.helpers import STEP_WAIT_S
 from tests.helpers import StepCollector as Sink
 
@@ -110,10 +106,10 @@ def alone(
     mode: GenerateMode = GenerateMode.CHAT,
     heads: list[torch.Tensor] | None = None,
 ) -> list[Played]:
-    """The reference: the conversation on the serial engine, by itself.
-    `heads` receives what each step's head sampled from (text logits, or the
-    hidden state the audio head got)."""
-    engine = ThreadedEngine(backend, workers=2)
+    """The reference: the conversation played on the serial loop
+    (`LFM2Conversation.generate`, which tests/test_lfm2_backend.py checks
+    against the package) with no engine. `heads` receives what each step's
+    head sampled from (text logits, or the hidden state the audio head got)."""
     with pytest.MonkeyPatch.context() as patch:
         if heads is not None:
             model = backend.model
@@ -129,18 +125,44 @@ def alone(
 
             patch.setattr(model, "_sample_text_token", text)
             patch.setattr(model, "_sample_audio_frame", audio)
-        try:
-            return converse(engine, turns, mode)
-        finally:
-            engine.close(10)
+        conversation = backend.new_conversation("", mode)
+        played = []
+        for turn in turns:
+            if turn.audio is not None:
+                conversation.add_user_audio(turn.audio, 16_000)
+            if turn.text:
+                conversation.add_user_text(turn.text)
+            stop, stream = threading.Event(), TextStream(backend.detokenize)
+            items: list[Any] = []
+            reason: EndReason | None = None
+            error: BaseException | None = None
+            try:
+                for step in conversation.generate(Sampling(0.0, 0, 0.0, 0, turn.max_new_tokens), stop):
+                    if isinstance(step, Finished):
+                        reason = step.reason
+                        break
+                    if isinstance(step, TextToken):
+                        step = TextToken(step.token_id, stream.push(step.token_id))
+                    items.append(step)
+                    if turn.abort_after is not None and len(items) == turn.abort_after:
+                        stop.set()
+            except Exception as exc:  # noqa: BLE001 - compared with the engine's failure
+                error = exc
+            conversation.record_response(AssistantTurn(items))
+            if turn.keep_frames is not None:
+                conversation.truncate_response(turn.keep_frames)
+            sink = Sink()
+            sink.items = items
+            played.append(Played(sink.values, reason, error, conversation.last_prefill_positions))
+        return played
 
 
 @pytest.fixture
-def batched(tiny_backend: LFM2Backend) -> Iterator[Callable[..., BatchedLFM2Engine]]:
-    engines: list[BatchedLFM2Engine] = []
+def batched(tiny_backend: LFM2Backend) -> Iterator[Callable[..., Scheduler]]:
+    engines: list[Scheduler] = []
 
-    def make(max_batch: int = 8, prefill_chunk: int = 256) -> BatchedLFM2Engine:
-        engine = tiny_backend.batched_engine(max_batch, prefill_chunk)
+    def make(max_batch: int = 8, prefill_chunk: int = 256) -> Scheduler:
+        engine = batched_engine(tiny_backend, max_batch, prefill_chunk)
         engine.start()
         engines.append(engine)
         return engine
@@ -205,7 +227,7 @@ SCRIPTS: list[list[Turn]] = [
 ]  # fmt: skip
 
 
-def test_batched_rows_equal_rows_alone(tiny_backend: LFM2Backend, batched: Callable[..., BatchedLFM2Engine]) -> None:
+def test_batched_rows_equal_rows_alone(tiny_backend: LFM2Backend, batched: Callable[..., Scheduler]) -> None:
     expected_heads: list[list[torch.Tensor]] = [[] for _ in SCRIPTS]
     expected = [alone(tiny_backend, script, heads=expected_heads[i]) for i, script in enumerate(SCRIPTS)]
     engine = batched(max_batch=3)  # one conversation has to wait for a place
@@ -213,7 +235,7 @@ def test_batched_rows_equal_rows_alone(tiny_backend: LFM2Backend, batched: Calla
     heads: list[list[torch.Tensor]] = [[] for _ in SCRIPTS]
     seen_waiting: list[int] = []
     steps_with: dict[str, set[int]] = {"text": set(), "audio": set()}
-    text_head, audio_head = engine._sample_text, engine._sample_audio
+    text_head, audio_head = engine.runner._sample_text, engine.runner._sample_audio
 
     def record(rows: Any, values: torch.Tensor) -> None:
         owner = {id(ref.state): i for i, opened in enumerate(refs) for ref in opened}
@@ -230,7 +252,7 @@ def test_batched_rows_equal_rows_alone(tiny_backend: LFM2Backend, batched: Calla
         record(rows, hidden)
         return audio_head(rows, hidden)
 
-    engine._sample_text, engine._sample_audio = text, audio  # type: ignore[method-assign]
+    engine.runner._sample_text, engine.runner._sample_audio = text, audio  # type: ignore[method-assign]
     gates = {n: threading.Event() for n in (3, 5, 8)}
 
     def on_step(n: int) -> None:
@@ -259,7 +281,7 @@ def test_batched_rows_equal_rows_alone(tiny_backend: LFM2Backend, batched: Calla
 
 
 def test_long_prefill_runs_in_chunks_between_decode_steps(
-    tiny_backend: LFM2Backend, batched: Callable[..., BatchedLFM2Engine]
+    tiny_backend: LFM2Backend, batched: Callable[..., Scheduler]
 ) -> None:
     long_turn = [Turn("Listen to this", audio=noise(4.0, seed=3), max_new_tokens=12)]
     first = [Turn("Keep talking", max_new_tokens=60)]
@@ -326,10 +348,10 @@ def force_serial(
 
 
 def force_batched(
-    engine: BatchedLFM2Engine, ref: list[ConversationRef], texts: list[int], codes: list[list[int]]
+    engine: Scheduler, ref: list[ConversationRef], texts: list[int], codes: list[list[int]]
 ) -> None:
     """The engine's heads return these first for the conversation in `ref` (other rows sample as usual)."""
-    text_head, audio_head = engine._sample_text, engine._sample_audio
+    text_head, audio_head = engine.runner._sample_text, engine.runner._sample_audio
     text_iter, frame_iter = iter(texts), iter(codes)
 
     def mine(rows: Any) -> list[int]:
@@ -351,12 +373,12 @@ def force_batched(
                 out[i] = torch.tensor(forced)
         return out, bad
 
-    engine._sample_text, engine._sample_audio = text, audio  # type: ignore[method-assign]
+    engine.runner._sample_text, engine.runner._sample_audio = text, audio  # type: ignore[method-assign]
 
 
 @pytest.mark.parametrize("case", list(FORCED))
 def test_forced_ends_match_the_serial_loop(
-    case: str, tiny_backend: LFM2Backend, batched: Callable[..., BatchedLFM2Engine], monkeypatch: pytest.MonkeyPatch
+    case: str, tiny_backend: LFM2Backend, batched: Callable[..., Scheduler], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     mode, texts, codes = FORCED[case]
     first = Turn("Say this", audio=noise(0.8, seed=4) if mode is GenerateMode.TRANSCRIBE else None)
@@ -383,7 +405,7 @@ def test_forced_ends_match_the_serial_loop(
 
 
 def test_a_prefill_error_fails_that_row_only(
-    tiny_backend: LFM2Backend, batched: Callable[..., BatchedLFM2Engine], monkeypatch: pytest.MonkeyPatch
+    tiny_backend: LFM2Backend, batched: Callable[..., Scheduler], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     others = [[Turn("First conversation", max_new_tokens=30)], [Turn("Second one", max_new_tokens=20)]]
     failing = [Turn("FAIL please", max_new_tokens=20), Turn("Recovered?", max_new_tokens=15)]
@@ -427,7 +449,7 @@ def stopped() -> threading.Event:
 
 
 def test_a_decode_error_fails_that_row_only(
-    tiny_backend: LFM2Backend, batched: Callable[..., BatchedLFM2Engine], monkeypatch: pytest.MonkeyPatch
+    tiny_backend: LFM2Backend, batched: Callable[..., Scheduler], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A forward that fails for one row's position: the batch is retried row
     by row, that row fails, the others go on as if nothing happened."""
@@ -464,7 +486,7 @@ def test_a_decode_error_fails_that_row_only(
 
 
 def test_edits_wait_for_the_request_and_close_stops_everything(
-    tiny_backend: LFM2Backend, batched: Callable[..., BatchedLFM2Engine]
+    tiny_backend: LFM2Backend, batched: Callable[..., Scheduler]
 ) -> None:
     engine = batched(max_batch=1)
     a, b = engine.open(""), engine.open("")
@@ -493,7 +515,7 @@ def test_edits_wait_for_the_request_and_close_stops_everything(
 
 
 def test_released_conversations_refuse_work_and_edits_keep_order(
-    tiny_backend: LFM2Backend, batched: Callable[..., BatchedLFM2Engine]
+    tiny_backend: LFM2Backend, batched: Callable[..., Scheduler]
 ) -> None:
     engine = batched()
     ref = engine.open("")
@@ -510,7 +532,7 @@ def test_released_conversations_refuse_work_and_edits_keep_order(
 
 
 def test_an_aborted_waiting_request_ends_without_a_place(
-    tiny_backend: LFM2Backend, batched: Callable[..., BatchedLFM2Engine]
+    tiny_backend: LFM2Backend, batched: Callable[..., Scheduler]
 ) -> None:
     engine = batched(max_batch=1)
     a, b = engine.open(""), engine.open("")
@@ -527,7 +549,7 @@ def test_an_aborted_waiting_request_ends_without_a_place(
 
 
 def test_a_paused_row_keeps_its_place_and_committed_turns_go_first(
-    tiny_backend: LFM2Backend, batched: Callable[..., BatchedLFM2Engine]
+    tiny_backend: LFM2Backend, batched: Callable[..., Scheduler]
 ) -> None:
     """A paused row is skipped (the others step on) but keeps its place among
     speculative requests; a committed request is admitted before a speculative
@@ -560,14 +582,15 @@ def test_a_paused_row_keeps_its_place_and_committed_turns_go_first(
     )
     assert paused.wait(WAIT_S)
     late_spec = Named("late speculative")
-    engine.submit(GenerationRequest(refs[2], UserTurn(text="Maybe"), GREEDY, speculative=True), late_spec)
+    late = engine.submit(GenerationRequest(refs[2], UserTurn(text="Maybe"), GREEDY, speculative=True), late_spec)
     target.append(len(busy.items) + 10)
     assert went_on.wait(WAIT_S)
     assert len(spec_sink.items) == 4  # held at its place while the busy row went on
     assert engine.stats.waiting == 1  # a speculative request does not take a paused one's place
-    spec.resume()
+    spec.promote()  # its turn was committed: it goes on (and no longer pauses at its first audio)
     spec_sink.wait()
     assert spec_sink.values == expected.values and spec_sink.reason is EndReason.MAX_TOKENS
+    late.promote()  # else it waits, paused at its first audio, for a commit
     late_spec.wait()
     # a committed turn with the batch full of a busy row and a paused speculation: the speculation gives way
     again = Named("paused again", on_step=lambda n: (again_handle[0].pause(), again_paused.set()) if n == 2 else None)
@@ -584,7 +607,7 @@ def test_a_paused_row_keeps_its_place_and_committed_turns_go_first(
 
 
 def test_a_speculative_turn_undone_through_edits(
-    tiny_backend: LFM2Backend, batched: Callable[..., BatchedLFM2Engine]
+    tiny_backend: LFM2Backend, batched: Callable[..., Scheduler]
 ) -> None:
     committed = [Turn("Hello there", max_new_tokens=12), Turn(audio=noise(1.0, seed=6), max_new_tokens=16)]
     expected = alone(tiny_backend, committed)
@@ -658,7 +681,7 @@ SYNCS = ("item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__int__", "__
 
 
 def test_a_decode_step_waits_for_the_device_at_most_once(
-    batched: Callable[..., BatchedLFM2Engine], monkeypatch: pytest.MonkeyPatch
+    batched: Callable[..., Scheduler], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """On a GPU every device-to-host read stalls the step until the device is
     done. On the CPU stand-in the same reads are counted: each tensor method
@@ -679,23 +702,20 @@ def test_a_decode_step_waits_for_the_device_at_most_once(
 
         return wrapper
 
-    def step(method: Callable[[], int], first: bool) -> Callable[[], int]:
-        def wrapped() -> int:
-            if first:
-                state.syncs = 0
+    def step(method: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        def wrapped(rows: Any) -> Any:
+            state.syncs = 0
             state.counting = True
             try:
-                ran = method()
+                outs = method(rows)
             finally:
                 state.counting = False
-            if not first and ran:
-                per_step.append(state.syncs)
-            return ran
+            per_step.append(state.syncs)
+            return outs
 
         return wrapped
 
-    engine._forward = step(engine._forward, first=True)  # type: ignore[method-assign]
-    engine._sample = step(engine._sample, first=False)  # type: ignore[method-assign]
+    engine.runner.step = step(engine.runner.step)  # type: ignore[method-assign]
     for name in SYNCS:
         monkeypatch.setattr(torch.Tensor, name, counting(name))
     refs = [engine.open("", GenerateMode.CHAT) for _ in range(3)]

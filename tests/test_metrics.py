@@ -21,9 +21,10 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.backends.engine import GenerationRequest, ThreadedEngine, UserTurn
 from service.backends.scripted import ScriptedBackend
 from service.config import Settings
+from service.engine.api import GenerationRequest, UserTurn
+from service.engine.compose import serial_engine
 from service.errors import StartupError
 from service.metrics import (
     MetricsHTTPServer,
@@ -185,7 +186,7 @@ def test_sessions_errors_health() -> None:
 def test_engine_figures_are_read_when_scraped() -> None:
     backend = ScriptedBackend()
     backend.load()
-    engine = ThreadedEngine(backend, workers=2)
+    engine = serial_engine(backend)
     engine.start()
     metrics = ServiceMetrics()
     assert not any(name.startswith("voicechat_engine_steps") for name, _ in local(metrics))

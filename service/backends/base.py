@@ -18,12 +18,8 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from service.backends.engine import Engine
 
 OUTPUT_SAMPLE_RATE = 24_000
 FRAME_SAMPLES = 1_920  # one audio frame = 80 ms at 24 kHz
@@ -302,10 +298,6 @@ class Backend(ABC):
         """Text of the given tokens with special tokens removed. A trailing
         incomplete UTF-8 sequence decodes to U+FFFD (the caller holds it back)."""
 
-    def batched_engine(self, max_batch: int, prefill_chunk: int) -> Engine | None:
-        """An engine that batches conversations in one forward pass, or None
-        when the backend has none (then every response runs on its own)."""
-        return None
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Free model resources at shutdown."""

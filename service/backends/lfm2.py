@@ -2,7 +2,7 @@
 
 The backend is split by concern: `lfm2_load` finds, checks and loads the
 checkpoint; `lfm2_cache` keeps each conversation's model cache across turns
-and the batched decode state; `lfm2_engine` is the batched engine; and
+and the batched decode state (the batched engine is `service.engine.lfm2_runner`); and
 `lfm2_decode` holds the streaming audio decoders. This module has the
 conversation, the serial step loop and the backend. What it adds on top of
 the package:
@@ -22,10 +22,8 @@ the package:
   (d) on the serial engine, hold the model lock for one step at a time, so
   concurrent conversations interleave fairly instead of one holding the
   model for a whole response.
-* Two engines (`service.backends.engine`): `batched_engine()` returns the
-  `BatchedLFM2Engine`, which advances every generating conversation in one
-  forward pass; the serial engine (`ThreadedEngine` over `generate`) is kept
-  as the baseline.
+* `generate` is the serial reference loop (tests compare the engine's
+  batched path, `service.engine.lfm2_runner`, with it step for step).
 * Streaming audio decoders with per-response state (`lfm2_decode`): Mimi in
   streaming mode (LFM2-Audio) and a windowed stream of the whole-sequence
   LFM2.5 detokenizer that matches a one-shot decode (see
@@ -41,7 +39,6 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -99,9 +96,6 @@ from service.backends.lfm2_load import (  # noqa: F401
     resolve_dtype,
     weights_file,
 )
-
-if TYPE_CHECKING:
-    from service.backends.lfm2_engine import BatchedLFM2Engine
 
 log = logging.getLogger(__name__)
 
@@ -653,9 +647,8 @@ class LFM2Backend(Backend):
         return forward_step(self.model.lfm, embeddings, step)[:, -1]
 
     def warmup(self) -> None:
-        """A short generation and decode on the serial path, then on the
-        batched path (a spare batched engine), so that neither engine's first
-        request pays lazy initialisation."""
+        """A short generation and decode, so the first request pays no lazy
+        initialisation (the engine's runner warms the batched path itself)."""
         started = time.perf_counter()
         conversation = self.new_conversation(self.default_system_prompt())
         conversation.add_user_text("Hello!")
@@ -671,9 +664,6 @@ class LFM2Backend(Backend):
             decoder.flush()
         finally:
             decoder.close()
-        batched = self.batched_engine(max_batch=2, prefill_chunk=256)
-        batched.warm_up()
-        batched.close(0)
         log.info("warm-up done in %.2f s", time.perf_counter() - started)
 
     # -- factories ----------------------------------------------------------------
@@ -703,11 +693,6 @@ class LFM2Backend(Backend):
         if self._mimi_pool is not None:
             return MimiDecoder(self._mimi_pool, self.device)
         raise RuntimeError("LFM2Backend.load() has not run")
-
-    def batched_engine(self, max_batch: int, prefill_chunk: int) -> BatchedLFM2Engine:
-        from service.backends.lfm2_engine import BatchedLFM2Engine
-
-        return BatchedLFM2Engine(self, max_batch=max_batch, prefill_chunk=prefill_chunk)
 
     def detokenize(self, token_ids: Sequence[int]) -> str:
         with self.tokenizer_lock:

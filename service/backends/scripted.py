@@ -138,6 +138,11 @@ class ScriptedConversation(Conversation):
         return self._heard_note + reply, frames
 
     def _generate(self, sampling: Sampling, stop: threading.Event) -> Iterator[Step]:
+        return self.script(sampling, stop, paced=True)
+
+    def script(self, sampling: Sampling, stop: threading.Event, paced: bool) -> Iterator[Step]:
+        """The answer's steps; `paced` sleeps the backend's prefill and step
+        times in the iterator (alone), else the caller paces it (batched)."""
         self.turns += 1
         self.last_sampling = sampling
         reply, frames = self._reply()
@@ -148,15 +153,17 @@ class ScriptedConversation(Conversation):
         elif frames is None:
             frames = max(4, round(len(reply) * _FRAMES_PER_CHAR))
         self._backend.last_reply_frames[id(self)] = frames
-        return self._steps(reply, frames, sampling, stop, fail)
+        return self._steps(reply, frames, sampling, stop, fail, paced)
 
-    def _steps(self, reply: str, frames: int, sampling: Sampling, stop: threading.Event, fail: bool) -> Iterator[Step]:
+    def _steps(
+        self, reply: str, frames: int, sampling: Sampling, stop: threading.Event, fail: bool, paced: bool
+    ) -> Iterator[Step]:
         backend = self._backend
         text = encode_text(reply) + [TEXT_END]
         audio = [frame_codes(reply[i % max(1, len(reply))], i, sampling.audio_temperature) for i in range(frames)]
         if frames:
             audio.append(np.full(NUM_CODEBOOKS, END_OF_AUDIO_CODE, dtype=np.int64))
-        if backend.prefill_s:
+        if backend.prefill_s and paced:
             time.sleep(backend.prefill_s)
         produced = 0
         n_text, n_audio = backend.n_text, backend.n_audio
@@ -176,7 +183,7 @@ class ScriptedConversation(Conversation):
                     return
                 if fail and produced == 3:
                     raise ScriptedFailure("scripted backend failure (#fail directive)")
-                if backend.step_s:
+                if backend.step_s and paced:
                     time.sleep(backend.step_s)
                 produced += 1
                 yield step
