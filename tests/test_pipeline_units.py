@@ -97,7 +97,8 @@ def _chunk(response_id: str, ms: int, offset_ms: int = 0) -> pb.ConverseResponse
 
 
 async def test_outbox_coalesces_when_full_and_fails_past_the_audio_bound() -> None:
-    outbox = Outbox(max_items=4, max_audio_ms=400)
+    # the client counts as behind from 4 queued events (`max_backlog`): full and behind, media merge
+    outbox = Outbox(max_items=4, max_audio_ms=400, max_backlog=4)
     stats = WriteStats()
     for i in range(6):
         outbox.put(pb.ConverseResponse(text_delta=pb.TextDelta(response_id="r", text=str(i))), stats, "r")
