@@ -48,7 +48,7 @@ from service.backends.base import (
     is_end_of_audio,
 )
 from service.clock import now_ms
-from service.engine.api import ConversationRef, Engine, GenerationRequest, RequestHandle, UserTurn
+from service.engine.api import ConversationRef, Engine, EngineBusy, GenerationRequest, RequestHandle, UserTurn
 from service.outbox import Item, Outbox, SlowReader, WriteStats
 from voicechat.v1 import voicechat_pb2 as pb
 
@@ -445,6 +445,8 @@ class ResponseRun:
                 turn = turn.truncated(-(-s.audio_ms_written // FRAME_MS))
                 played = min(s.audio_ms_written, self._stopped_at - s.first_audio_ts) if s.first_audio_ts else 0
                 heard = -(-int(played) // FRAME_MS)
+        elif isinstance(self._error, EngineBusy):  # refused by the engine's caps or its wait bound: retry later
+            status, reason = pb.RESPONSE_STATUS_FAILED, f"the model is busy: {self._error}; retry later"
         elif self._error is not None:
             status, reason = pb.RESPONSE_STATUS_FAILED, f"model error: {type(self._error).__name__}: {self._error}"
         elif self._end is EndReason.MAX_TOKENS:

@@ -526,7 +526,8 @@ class ChatSession:
         def cut(conversation: Conversation) -> AssistantTurn | None:
             return conversation.truncate_response(kept_frames)
 
-        future = self.engine.edit(self.conversation, cut)
+        # truncations of one response not applied yet collapse into the latest (the engine caps edits)
+        future = self.engine.edit(self.conversation, cut, coalesce=f"truncate:{response_id}")
         self._spawn(self._acknowledge_truncate(response_id, future, required), f"{self.id}-truncate")
 
     async def _acknowledge_truncate(
