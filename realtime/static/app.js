@@ -18,6 +18,8 @@ const state = {
   responses: 0,
   errors: [],
   underruns: 0,
+  bargeIns: 0,
+  truncatedMs: [],
 };
 window.voicechat = state;
 
@@ -30,7 +32,9 @@ let pending = [];
 let pendingSamples = 0;
 let turnEndAt = null; // performance.now() at the end of the user's turn (speech stopped or text sent)
 let firstAudioSeen = false;
-let current = null; // {id, itemId, el}
+let current = null; // {id, itemId, el}: the response being received
+let playing = null; // {itemId}: the latest response, while the player may still hold its audio
+let buffered = 0; // samples the player held at its last report
 const userLines = new Map(); // user item id -> its transcript element, placed when the turn is committed
 
 function setStatus(text) { $("status").textContent = text; }
@@ -80,6 +84,8 @@ async function ensureAudio() {
   player.port.onmessage = (e) => {
     const msg = e.data;
     if (msg.type === "stats") {
+      buffered = msg.buffered;
+      if (!buffered && !current) playing = null;
       $("buffer-ms").textContent = Math.round((msg.buffered / RATE) * 1000);
       state.underruns = msg.underruns;
       $("underruns").textContent = msg.underruns;
@@ -140,10 +146,14 @@ function stopMic() {
 }
 
 async function onSpeechStarted() {
-  if (!current) return;
-  // barge-in: stop playing now, and tell the server how much of the reply was heard
-  const played = await flushPlayback();
-  send({ type: "conversation.item.truncate", item_id: current.itemId, content_index: 0,
+  // barge-in: the reply may still be arriving, or have arrived and still be playing (a model faster
+  // than real time ends its response long before its audio is heard)
+  const target = current || playing;
+  if (!target || !target.itemId || (!current && !buffered)) return;
+  playing = null;
+  state.bargeIns += 1;
+  const played = await flushPlayback(); // stop playing now, then say how much of the reply was heard
+  send({ type: "conversation.item.truncate", item_id: target.itemId, content_index: 0,
          audio_end_ms: Math.round((played / RATE) * 1000) });
 }
 
@@ -185,6 +195,10 @@ function onEvent(ev) {
       break;
     case "response.output_item.added":
       if (current) current.itemId = ev.item.id;
+      playing = { itemId: ev.item.id };
+      break;
+    case "conversation.item.truncated":
+      state.truncatedMs.push(ev.audio_end_ms);
       break;
     case "response.output_audio_transcript.delta":
     case "response.output_text.delta":
