@@ -138,6 +138,17 @@ class _Speculation:
     after_undo: list[Callable[[], None]] = field(default_factory=list)
 
 
+class _Cut:
+    """A truncation queued in the engine; later cuts of the same response replace its frame count."""
+
+    def __init__(self, response_id: str, kept_frames: int, required: bool) -> None:
+        self.response_id, self.kept_frames, self.required = response_id, kept_frames, required
+        self.future: concurrent.futures.Future[AssistantTurn | None] = concurrent.futures.Future()
+
+    def apply(self, conversation: Conversation) -> AssistantTurn | None:  # on the engine thread
+        return conversation.truncate_response(self.kept_frames)
+
+
 @dataclass
 class _Playback:
     """The latest response as the client plays it (estimated in real time)."""
@@ -146,6 +157,7 @@ class _Playback:
     start: float = 0.0
     end: float = 0.0
     pending_truncate: tuple[str, int] | None = None  # a truncate for the response still running
+    cut: _Cut | None = None  # the latest truncation sent to the engine
 
 
 def output_policy(options: SessionOptions, settings: Settings) -> OutputPolicy:
@@ -521,19 +533,20 @@ class ChatSession:
             self._speculate(spec.audio, again=True)
 
     def _cut(self, response_id: str, played_ms: int, required: bool) -> None:
-        kept_frames = -(-played_ms // FRAME_MS)  # frames that were at least partly heard
+        cut = self._playback.cut
+        if cut is not None and cut.response_id == response_id and not cut.future.done():
+            # a cut of this response is queued and not applied yet: this one replaces it
+            # (one engine edit and one acknowledgement, of what was applied, for a flood)
+            cut.kept_frames, cut.required = -(-played_ms // FRAME_MS), cut.required or required
+            return
+        cut = _Cut(response_id, -(-played_ms // FRAME_MS), required)  # frames at least partly heard
+        cut.future = self.engine.edit(self.conversation, cut.apply, coalesce=f"truncate:{response_id}")
+        self._playback.cut = cut
+        self._spawn(self._acknowledge_truncate(cut), f"{self.id}-truncate")
 
-        def cut(conversation: Conversation) -> AssistantTurn | None:
-            return conversation.truncate_response(kept_frames)
-
-        # truncations of one response not applied yet collapse into the latest (the engine caps edits)
-        future = self.engine.edit(self.conversation, cut, coalesce=f"truncate:{response_id}")
-        self._spawn(self._acknowledge_truncate(response_id, future, required), f"{self.id}-truncate")
-
-    async def _acknowledge_truncate(
-        self, response_id: str, future: concurrent.futures.Future[AssistantTurn | None], required: bool
-    ) -> None:
-        kept = await asyncio.wrap_future(future)
+    async def _acknowledge_truncate(self, cut: _Cut) -> None:
+        kept = await asyncio.wrap_future(cut.future)
+        response_id, required = cut.response_id, cut.required
         if kept is None:
             if required:
                 self._error(self._stale_truncate(response_id))
