@@ -111,6 +111,7 @@ class RealtimeSession:
         self._manual_bytes = 0
         self._expires_at = 0
         self._turn_items: dict[str, str] = {}  # turn id -> user item id, for input transcripts
+        self._failure: VoiceChatError | None = None  # why a reopen left the session without a stream
         self._items: dict[str, dict[str, Any]] = {}  # the latest MAX_ITEMS items, for conversation.item.retrieve
         self._default_tokens = 0  # the server's max_new_tokens default, for "inf"
 
@@ -265,12 +266,19 @@ class RealtimeSession:
                 log.debug("client event %s not delivered: %s", kind, exc)
 
     async def _conversation(self) -> Conversation:
+        """The current stream, once open; VoiceChatError when a reopen could not open one."""
         await self._conv_ready.wait()
-        assert self.conv is not None
+        if self.conv is None:
+            assert self._failure is not None
+            raise self._failure
         return self.conv
 
     async def _session_update(self, event: dict[str, Any]) -> None:
         new = rt.apply_session(self.state, event.get("session"))
+        most = self._limits.max_new_tokens
+        if new.max_output_tokens is not None and most and new.max_output_tokens > most:
+            raise ClientError(f"session.max_output_tokens must be at most {most} (the server's limit), "
+                              f"got {new.max_output_tokens}", "session.max_output_tokens")  # fmt: skip
         reopen = any(getattr(new, name) != getattr(self.state, name) for name in _CONFIG_ONLY)
         if reopen and self._used:
             changed = next(name for name in _CONFIG_ONLY if getattr(new, name) != getattr(self.state, name))
@@ -294,18 +302,42 @@ class RealtimeSession:
         await self.send(self._session_event("session.updated"))
 
     async def _reopen(self, new: SessionState) -> None:
+        """Replace the stream by one opened with `new`; the old settings stay when the server refuses them.
+
+        When no stream can be opened at all the session ends with the server's status (the relay reports it)."""
         old = self.state
         await self._close_stream()
         self.state = new
         try:
-            await self._open()
+            await self._open_again()
+            return
         except VoiceChatError as exc:
-            if exc.code != grpc.StatusCode.INVALID_ARGUMENT:
-                raise ClientError(f"the server refused the new session: {exc.details}", "session",
-                                  exc.code.name.lower(), "server_error") from exc  # fmt: skip
+            refused = exc
+        if refused.code == grpc.StatusCode.INVALID_ARGUMENT:
             self.state = old
-            await self._open()
-            raise ClientError(exc.details, _param_from_details(exc.details), "invalid_value") from exc
+            try:
+                await self._open_again()
+            except VoiceChatError as exc:
+                self._give_up(exc)
+            raise ClientError(refused.details, _param_from_details(refused.details), "invalid_value")
+        self._give_up(refused)
+        raise ClientError(f"the server refused the new session: {refused.details}", "session",
+                          refused.code.name.lower(), "server_error")  # fmt: skip
+
+    async def _open_again(self) -> None:
+        # the slot this session just gave back may not be free yet when the server is full: a short backoff
+        for delay in (0.05, 0.2, 0.5, None):
+            try:
+                await self._open()
+                return
+            except VoiceChatError as exc:
+                if exc.code != grpc.StatusCode.RESOURCE_EXHAUSTED or delay is None:
+                    raise
+            await asyncio.sleep(delay)
+
+    def _give_up(self, exc: VoiceChatError) -> None:
+        self._failure = exc
+        self._conv_ready.set()  # wakes the relay, which ends the session with this status
 
     async def _append(self, event: dict[str, Any]) -> None:
         pcm = rt.decode_audio(event.get("audio"))
@@ -436,7 +468,10 @@ class RealtimeSession:
     async def _relay(self) -> tuple[grpc.StatusCode, str] | None:
         """Relay events until a stream ends on its own; returns its status (None: the client left first)."""
         while True:
-            conv = await self._conversation()
+            try:
+                conv = await self._conversation()
+            except VoiceChatError as exc:
+                return exc.code, exc.details
             try:
                 async for event in conv.events():
                     if event.kind != "session_started":

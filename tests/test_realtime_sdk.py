@@ -290,6 +290,8 @@ async def test_text_only_output(bridge: RealtimeBridge) -> None:
          "invalid_value", "session.audio.input.turn_detection.threshold"),
         ({"type": "session.update", "session": {"type": "realtime", "modalities": ["text"]}},
          "unsupported", "session.modalities"),
+        ({"type": "session.update", "session": {"type": "realtime", "max_output_tokens": 10**6}},
+         "invalid_value", "session.max_output_tokens"),
         ({"type": "input_audio_buffer.append", "audio": "not base64!"}, "invalid_value", "audio"),
         ({"type": "input_audio_buffer.append", "audio": base64.b64encode(b"abc").decode()}, "invalid_value", "audio"),
         ({"type": "conversation.item.create", "item": {"type": "function_call_output", "call_id": "c",
@@ -401,3 +403,21 @@ async def test_a_late_response_create_claims_the_commits_response(bridge: Realti
         assert "error" not in types(events)
         assert types(events).count("response.created") == 1
         assert events[-1].response.output[0].content[0].transcript == "Turn 2. You said: next."
+
+
+async def test_instructions_the_server_refuses_keep_the_old_session(
+    start_server: StartServer, bridge_for: Callable[..., Awaitable[RealtimeBridge]]
+) -> None:
+    bridge = await bridge_for(await start_server(max_text_chars=100))
+    async with connect(bridge) as conn:
+        await until(conn, "session.created")
+        await conn.session.update(session={"type": "realtime", "instructions": "Be brief."})
+        await until(conn, "session.updated")
+        await conn.session.update(session={"type": "realtime", "instructions": "x" * 101})
+        error = (await until(conn, "error"))[-1].error
+        assert (error.code, error.param) == ("invalid_value", "session.instructions")
+        assert "100 characters" in error.message
+        await conn.conversation.item.create(item=user_message("still fine"))
+        await conn.response.create()
+        done = (await until(conn, "response.done"))[-1].response
+        assert done.output[0].content[0].transcript == "Turn 1. You said: still fine."
