@@ -1,4 +1,4 @@
-"""The results section of docs/benchmarks.md, from the committed results in bench/results/*.json.
+"""The results section of docs/benchmarks.md, from the committed results in bench/results/ (any depth).
 
     python -m scripts.bench_tables           # print it
     python -m scripts.bench_tables --write   # rewrite its block in docs/benchmarks.md (make docs)
@@ -26,7 +26,7 @@ REQUIRED = ("bench", "command", "date", "machine", "tables")
 def load(folder: Path = RESULTS) -> list[tuple[Path, dict[str, Any]]]:
     """Every result in `folder`, in publishing order; ValueError names a file that is not one."""
     found = []
-    for path in sorted(folder.glob("*.json")):
+    for path in sorted(folder.rglob("*.json")):
         result = json.loads(path.read_text())
         missing = [key for key in REQUIRED if key not in result]
         if missing:
@@ -35,7 +35,7 @@ def load(folder: Path = RESULTS) -> list[tuple[Path, dict[str, Any]]]:
 
     def rank(item: tuple[Path, dict[str, Any]]) -> tuple[int, str]:
         bench = item[1]["bench"]
-        return (ORDER.index(bench) if bench in ORDER else len(ORDER), item[0].stem)
+        return (ORDER.index(bench) if bench in ORDER else len(ORDER), item[0].stem, str(item[0]))
 
     return sorted(found, key=rank)
 
