@@ -62,7 +62,10 @@ class Settings:
     max_batch: int = _opt(32, "Most responses generating in one batched forward; more wait, "
                           "committed turns first, round robin across sessions.")
     max_queue_wait_s: float = _opt(120.0, "Longest wait for a place in the model; a request still "
-                                   "waiting then fails with RESOURCE_EXHAUSTED.")
+                                   "waiting then fails (the model is busy).")
+    preempt_after_s: float = _opt(2.0, "A committed turn that finds the batch full of responses takes "
+                                  "the place of one that has held it this long (suspended, it resumes "
+                                  "where it stopped); 0 turns this off.")
     prefill_chunk: int = _opt(256, "Batched engine: most history positions prefilled per engine "
                               "iteration, so a long turn does not stall the others' decoding.")
     # -- scripted backend -----------------------------------------------------

@@ -1,10 +1,11 @@
 """An attacking client in its own process (so that its own work does not load the server's
 event loop, which a test shares with its in-process clients): `python -m tests.fairness_attacker
-truncate|transcribe|never-read TARGET`. Runs until killed."""
+truncate|transcribe|never-read|long TARGET`. Runs until killed."""
 
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
@@ -44,18 +45,29 @@ def never_read() -> Iterator[pb.ConverseRequest]:
         time.sleep(0.05)
 
 
-ATTACKS = {"truncate": truncate_flood, "transcribe": transcription_flood, "never-read": never_read}
+def long_replies() -> Iterator[pb.ConverseRequest]:
+    """A long reply, read as it comes, and another as soon as it ends."""
+    yield manual_config()
+    for n in range(1000):
+        yield text(f"#frames=3000 a long story {n}")
+        time.sleep(0.05)
+
+
+ATTACKS = {"long": long_replies, "truncate": truncate_flood, "transcribe": transcription_flood, "never-read": never_read}
 
 
 def main(kind: str, target: str) -> None:
     channel = grpc.insecure_channel(target)
     stub = pb_grpc.VoiceChatServiceStub(channel)
-    calls = [stub.Converse(ATTACKS[kind]()) for _ in range(4 if kind == "never-read" else 1)]
+    calls = [stub.Converse(ATTACKS[kind]()) for _ in range(4 if kind in ("never-read", "long") else 1)]
     print("attacking", flush=True)
     if kind == "never-read":
         time.sleep(3600)
-    for _ in calls[0]:
-        pass
+    threads = [threading.Thread(target=lambda c=call: [None for _ in c], daemon=True) for call in calls]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
 
 
 if __name__ == "__main__":

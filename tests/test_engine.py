@@ -271,3 +271,24 @@ def test_a_fatal_runner_error_stops_the_engine_and_answers_everyone(engines: lis
     assert late.done.is_set() and isinstance(late.error, FatalEngineError)
     with pytest.raises(RuntimeError):
         engine.open("")
+
+
+def test_a_long_response_gives_its_place_up_for_a_while_and_resumes_where_it_stopped(
+    engines: list[Scheduler],
+) -> None:
+    engine = _engine(engines, max_batch=1, step_ms=2, preempt_after_s=0.2)
+    alone = StepCollector()
+    engine.submit(_request(engine.open(""), "#frames=300 long", owner="A"), alone)
+    alone.wait()
+    long, stepped = _first_step()
+    engine.submit(_request(engine.open(""), "#frames=300 long", owner="A"), long)
+    assert stepped.wait(5)
+    time.sleep(0.3)  # it has held the only place for longer than preempt_after_s
+    short = StepCollector()
+    asked = time.monotonic()
+    engine.submit(_request(engine.open(""), "short #frames=3", owner="B"), short)
+    assert short.wait().reason is EndReason.END_OF_TURN
+    assert time.monotonic() - asked < 2  # not behind the whole long reply (~0.6 s more at 2 ms a step)
+    assert not long.done.is_set() and engine.stats.suspended == 1
+    assert long.wait().reason is EndReason.END_OF_TURN
+    assert long.values == alone.values  # resumed exactly where it stopped

@@ -733,3 +733,39 @@ def test_a_decode_step_waits_for_the_device_at_most_once(
         engine.release(ref)
     assert len(per_step) >= 20
     assert max(per_step) <= 1, f"device waits per step: {per_step}"
+
+
+def test_a_suspended_row_resumes_exactly_where_it_stopped(
+    tiny_backend: LFM2Backend, batched: Callable[..., Scheduler]
+) -> None:
+    """A committed turn that finds the only place held takes it; the response
+    that held it is suspended (its cache stored in the conversation, its slot
+    freed) and resumes later from the same step: token for token what it
+    generates alone, and so is the turn that took its place."""
+    long, short = Turn("Tell me a long story", max_new_tokens=40), Turn("Hi", max_new_tokens=8)
+    (expected_long,) = alone(tiny_backend, [long])
+    (expected_short,) = alone(tiny_backend, [short])
+    engine = batched(max_batch=1)
+    engine.preempt_after_s = 0.0
+    started = threading.Event()
+    sink_long = Sink(on_step=lambda n: started.set() if n == 10 else None)
+    sink_long.set_handle(engine.submit(
+        GenerationRequest(engine.open(""), UserTurn(text=long.text), Sampling(0.0, 0, 0.0, 0, 40), owner="A"),
+        sink_long))  # fmt: skip
+    assert started.wait(WAIT_S)
+    long_steps_then: list[int] = []
+
+    class Short(Sink):
+        def finished(self, reason: EndReason | None, error: BaseException | None) -> None:  # engine thread
+            long_steps_then.append(len(sink_long.items))
+            super().finished(reason, error)
+
+    sink_short = Short()
+    engine.submit(
+        GenerationRequest(engine.open(""), UserTurn(text=short.text), Sampling(0.0, 0, 0.0, 0, 8), owner="B"),
+        sink_short,
+    )
+    assert sink_short.wait().values == expected_short.values
+    assert long_steps_then[0] < 40  # the short turn did not wait for the long one to end
+    assert sink_long.wait().values == expected_long.values
+    assert engine.stats.suspended >= 1

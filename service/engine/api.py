@@ -180,6 +180,7 @@ class EngineStats:
     rows: int = 0  # rows advanced, summed over steps
     waiting: int = 0  # requests waiting for a place in the batch now
     running: int = 0  # requests generating now
+    suspended: int = 0  # committed responses that gave their place up to a waiting turn, so far
 
 
 class TextStream:

@@ -70,6 +70,7 @@ def create_engine(backend: Backend, settings: Settings) -> Scheduler:
         runner,
         max_batch=max_batch,
         max_wait_s=settings.max_queue_wait_s,
+        preempt_after_s=settings.preempt_after_s or None,
         name="serial" if serial else "batched",
     )
 

@@ -140,6 +140,7 @@ class _State:
         self.slot: int | None = None  # index in the batch while decoding
         self.hidden: torch.Tensor | None = None  # a hidden state to sample from
         self.fed: torch.Tensor | None = None  # the embedding of the last step, to feed next
+        self.suspended = False  # out of the batch for a while; its cache is in the conversation
 
 
 def _state(row: Row) -> _State:
@@ -377,6 +378,39 @@ class LFM2Runner(Runner):
         """The audio head's frames for `rows` (a seam the tests use to force frames)."""
         return sample_frames(self._lfm2.model, hidden, [_state(row).audio_params for row in rows])
 
+    # -- giving a place up for a while ---------------------------------------------------
+    def can_suspend(self, row: Row) -> bool:
+        state = _state(row)
+        return state.slot is not None and state.hidden is None and _conversation(row).cache is not None
+
+    def suspend(self, row: Row) -> None:
+        """Store the row's cache in its conversation and free its slot; `fed` and
+        the step rules stay in the row, so it goes on exactly where it stopped."""
+        state, kv = _state(row), _conversation(row).cache
+        assert state.slot is not None and kv is not None and kv.cache is not None
+        self._slots.store(state.slot, kv.cache)
+        self._free_slot(state)
+        state.suspended = True
+
+    def resume(self, row: Row) -> None:
+        state, kv = _state(row), _conversation(row).cache
+        assert state.suspended and kv is not None and kv.cache is not None
+        slot = len(self._decoding)
+        self._slots.reserve(min(self.max_batch, max(4, 2 * (slot + 1))), kv.cache.length + 1)
+        self._slots.load(slot, kv.cache)
+        state.slot, state.suspended = slot, False
+        self._decoding.append(row)
+
+    def _free_slot(self, state: _State) -> None:
+        slot = state.slot
+        assert slot is not None
+        last = len(self._decoding) - 1
+        if slot != last:
+            self._swap(slot, last)
+        self._decoding.pop()
+        self._slots.release(last)
+        state.slot = None
+
     # -- the end of a row ---------------------------------------------------------------
     def remove(self, row: Row, keep_cache: bool) -> None:
         state = row.model
@@ -385,18 +419,12 @@ class LFM2Runner(Runner):
         kv = _conversation(row).cache
         try:
             if state.slot is not None:
-                slot = state.slot
                 try:
                     if keep_cache and kv is not None and kv.cache is not None:
-                        self._slots.store(slot, kv.cache)
+                        self._slots.store(state.slot, kv.cache)
                 finally:
-                    last = len(self._decoding) - 1
-                    if slot != last:
-                        self._swap(slot, last)
-                    self._decoding.pop()
-                    self._slots.release(last)
-                    state.slot = None
-            elif state.prefilled and kv is not None:
+                    self._free_slot(state)
+            elif state.prefilled and not state.suspended and kv is not None:
                 kv.reset()  # a partly run prefill leaves the cache between two states
             if not keep_cache and kv is not None:
                 kv.reset()  # the cache may hold a half-run step

@@ -39,6 +39,7 @@ class Row:
         self.request = handle.request
         self.model: Any = None
         self.audio_frames = 0  # audio frames delivered (a speculative row pauses at its first)
+        self.placed_at = 0.0  # monotonic time it got (or got back) its place
 
     @property
     def state(self) -> Conversation:
@@ -98,6 +99,18 @@ class Runner(ABC):
     @abstractmethod
     def remove(self, row: Row, keep_cache: bool) -> None:
         """Take `row` out of the batch; keep its conversation's cache or reset it."""
+
+    def can_suspend(self, row: Row) -> bool:
+        """Whether a decoding row can give its place up and resume later (`suspend`/`resume`)."""
+        return False
+
+    def suspend(self, row: Row) -> None:
+        """Take a decoding row out of the batch, keeping what it needs to go on."""
+        raise NotImplementedError
+
+    def resume(self, row: Row) -> None:
+        """Put a suspended row back into the batch, decoding from where it stopped."""
+        raise NotImplementedError
 
     def prefill_budget(self) -> float:
         """Positions to prefill in an iteration while rows decode."""

@@ -26,7 +26,11 @@ Caps, each with its policy (nothing a client does grows the engine's queues):
 * one request per conversation at a time (the lane), so one running response
   per session, plus its transcriptions;
 * a wait for a place is bounded: after `max_wait_s` the request fails with
-  `EngineBusy`; `stats.waiting` reports how many wait now;
+  `EngineBusy`; `stats.waiting` reports how many wait now. A committed turn
+  that finds the batch full of committed responses waits at most about
+  `preempt_after_s`: the response that has held its place longest (and at
+  least that long) is suspended, and resumes where it stopped once a place is
+  free (`stats.suspended` counts them);
 * a conversation that outgrew the model (`Runner.fits`) fails its request.
 
 A failure fails its request only. A `FatalEngineError` from the runner, or any
@@ -179,6 +183,7 @@ class Scheduler(Engine):
         max_wait_s: float = 120.0,
         max_pending_edits: int = 32,
         max_queued_transcriptions: int = 2,
+        preempt_after_s: float | None = 2.0,
         name: str = "batched",
         threaded: bool = True,
     ) -> None:
@@ -188,6 +193,7 @@ class Scheduler(Engine):
         self.max_wait_s = max_wait_s
         self.max_pending_edits = max_pending_edits
         self.max_queued_transcriptions = max_queued_transcriptions
+        self.preempt_after_s = preempt_after_s
         self._name = name
         self._cond = threading.Condition()
         # Filled by any thread, drained by the engine thread every iteration; bounded by the caps in `_post`.
@@ -207,6 +213,7 @@ class Scheduler(Engine):
         self._waiting = _Waiting()
         self._prefilling: list[Row] = []
         self._decoding: list[Row] = []
+        self._suspended: deque[Row] = deque()  # committed responses that gave their place up for a while
 
     @property
     def name(self) -> str:
@@ -372,7 +379,7 @@ class Scheduler(Engine):
             return True
         if any(row.handle.aborted for row in rows) or any(op.handle.aborted for _, op in self._waiting if op.handle):
             return True
-        return bool(len(self._waiting)) and len(rows) < self.max_batch
+        return bool(len(self._waiting) or self._suspended) and len(rows) < self.max_batch
 
     def _accept_inbox(self) -> None:
         with self._cond:
@@ -550,18 +557,53 @@ class Scheduler(Engine):
     def _admit(self) -> None:
         self._waiting.regroup()
         while len(self._prefilling) + len(self._decoding) < self.max_batch:
+            if not self._waiting.waiting(Priority.TURN) and self._suspended:
+                self._resume(self._suspended.popleft())  # after new committed turns, before the other classes
+                continue
             item = self._waiting.pop()
             if item is None:
                 return
             self._start(*item)
         if self._waiting.waiting(Priority.TURN):
-            # the batch is full and a committed turn waits: a speculative row gives up its
-            # place (paused ones first); it ends as STOPPED at the next iteration
-            rows = [*self._decoding, *self._prefilling]
-            spec = [r for r in rows if r.handle.priority is Priority.SPECULATIVE and not r.handle.aborted]
-            victim = next((r for r in spec if r.handle.paused), spec[0] if spec else None)
-            if victim is not None:
-                victim.handle.abort()
+            self._make_room()
+
+    def _make_room(self) -> None:
+        """The batch is full and a committed turn waits. A speculative row gives its place up
+        (paused ones first; it ends as STOPPED at the next iteration). Failing that, the
+        committed response that has held its place longest gives it up for a while, once it
+        held it `preempt_after_s`: it is suspended (the runner keeps its state and cache) and
+        resumes, where it stopped, when a place is free and no new committed turn waits."""
+        rows = [*self._decoding, *self._prefilling]
+        spec = [r for r in rows if r.handle.priority is Priority.SPECULATIVE and not r.handle.aborted]
+        victim = next((r for r in spec if r.handle.paused), spec[0] if spec else None)
+        if victim is not None:
+            victim.handle.abort()
+            return
+        if self.preempt_after_s is None:
+            return
+        now = time.monotonic()
+        held = [r for r in self._decoding if now - r.placed_at >= self.preempt_after_s and self.runner.can_suspend(r)]
+        if held:
+            row = min(held, key=lambda r: r.placed_at)
+            self._decoding.remove(row)
+            self.runner.suspend(row)
+            self._suspended.append(row)
+            self.stats.suspended += 1
+            log.debug("suspended %r for a waiting committed turn", row)
+
+    def _resume(self, row: Row) -> None:
+        if row.handle.aborted:
+            self._finish(row, EndReason.STOPPED, None)
+            return
+        try:
+            self.runner.resume(row)
+        except FatalEngineError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - fails this request only
+            self._finish(row, None, exc)
+            return
+        row.placed_at = time.monotonic()
+        self._decoding.append(row)
 
     def _start(self, lane: _Lane, op: _Op) -> None:
         """Give a request its row: add the user turn and open the response."""
@@ -584,10 +626,11 @@ class Scheduler(Engine):
         elif not takes_steps:
             self._finish(row, EndReason.MAX_TOKENS, None)
         else:
+            row.placed_at = time.monotonic()
             self._prefilling.append(row)
 
     def _stop_aborted(self) -> None:
-        for row in [*self._prefilling, *self._decoding]:
+        for row in [*self._prefilling, *self._decoding, *self._suspended]:
             if row.handle.aborted:
                 self._finish(row, EndReason.STOPPED, None)
 
@@ -599,6 +642,8 @@ class Scheduler(Engine):
             self._prefilling.remove(row)
         if row in self._decoding:
             self._decoding.remove(row)
+        if row in self._suspended:
+            self._suspended.remove(row)
         try:
             self.runner.remove(row, keep_cache=error is None)
         except FatalEngineError:
@@ -625,7 +670,7 @@ class Scheduler(Engine):
     def _shutdown(self, error: BaseException | None) -> None:
         """Closing: every request ends (stopped, or with the engine's failure), every edit fails."""
         reason = None if error is not None else EndReason.STOPPED
-        for row in [*self._prefilling, *self._decoding]:
+        for row in [*self._prefilling, *self._decoding, *self._suspended]:
             row.handle.abort()
             try:
                 self.runner.remove(row, keep_cache=False)
@@ -634,6 +679,7 @@ class Scheduler(Engine):
             self._end(row, reason, error)
         self._prefilling.clear()
         self._decoding.clear()
+        self._suspended.clear()
         for _, op in self._waiting.take(lambda op: False):
             self._refuse_submit(op, reason, error)
         closed = error or RuntimeError("the engine is closed")

@@ -74,5 +74,14 @@ class ScriptedRunner(Runner):
             outs.append(out)
         return outs
 
+    def can_suspend(self, row: Row) -> bool:
+        return True
+
+    def suspend(self, row: Row) -> None:
+        pass  # the answer's iterator is the whole state
+
+    def resume(self, row: Row) -> None:
+        pass
+
     def remove(self, row: Row, keep_cache: bool) -> None:
         row.model = None
