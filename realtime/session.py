@@ -9,8 +9,9 @@ cannot deliver (bounded memory whatever the client does). The one buffer is
 the push-to-talk audio buffer, capped at the server's longest turn.
 
 A `session.update` that changes what only a stream's first message can carry
-(instructions, input transcription) reopens the stream while the conversation
-is still empty, and is refused once it has started.
+(instructions, input transcription) reopens the stream until the first turn is
+committed or audio reaches the server (typed items move along), and is refused
+after that.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -73,13 +74,13 @@ def openai_param(grpc_field: str) -> str:
 
 @dataclass
 class _Response:
-    """A response as the bridge tracks it: ids for the items and what was claimed."""
+    """A response as the bridge tracks it: its assistant item, its metadata, the truncate asked for."""
 
     id: str
     item_id: str
-    text: str = ""
     metadata: Any = None
-    truncate_ms: list[int] = field(default_factory=list)  # audio_end_ms of truncates awaiting their answer
+    # audio_end_ms of the latest truncate not answered yet (the server may answer several with one)
+    truncate_ms: int | None = None
 
 
 class RealtimeSession:
@@ -460,7 +461,7 @@ class RealtimeSession:
         if not isinstance(played, int) or isinstance(played, bool) or played < 0:
             raise ClientError("audio_end_ms must be a non-negative integer", "audio_end_ms")
         conv = await self._conversation()
-        self._responses[response_id].truncate_ms.append(played)
+        self._responses[response_id].truncate_ms = played
         await conv.truncate(response_id, played)
 
     # -- server -> client -----------------------------------------------------------
@@ -492,15 +493,13 @@ class RealtimeSession:
     async def _translate(self, event: Event) -> None:
         data = event.data
         kind = event.kind
+        resp = self._responses.get(getattr(data, "response_id", ""))
         if kind == "audio_chunk":
-            if self._active and not self.state.text_only:
-                resp = self._responses[data.response_id]
+            if resp is not None and not self.state.text_only:
                 await self.send({"type": "response.output_audio.delta", "response_id": resp.id,
                                  "item_id": resp.item_id, "output_index": 0, "content_index": 0,
                                  "delta": base64.b64encode(data.pcm16).decode("ascii")})  # fmt: skip
-        elif kind == "text_delta":
-            resp = self._responses[data.response_id]
-            resp.text += data.text
+        elif kind == "text_delta" and resp is not None:
             name = "response.output_text.delta" if self.state.text_only else "response.output_audio_transcript.delta"
             await self.send({"type": name, "response_id": resp.id, "item_id": resp.item_id, "output_index": 0,
                              "content_index": 0, "delta": data.text})  # fmt: skip
@@ -527,10 +526,9 @@ class RealtimeSession:
                                  "content_index": 0, "transcript": data.text,
                                  "usage": {"type": "duration", "seconds": 0}})  # fmt: skip
         elif kind == "response_truncated":
-            truncated = self._responses.get(data.response_id)
-            if truncated is not None:
-                resp = truncated
-                played = resp.truncate_ms.pop(0) if resp.truncate_ms else data.audio_kept_ms
+            if resp is not None:
+                played = data.audio_kept_ms if resp.truncate_ms is None else resp.truncate_ms
+                resp.truncate_ms = None
                 if resp.item_id in self._items:  # what the model now remembers of the reply
                     part = self._items[resp.item_id]["content"][0]
                     part["transcript" if "transcript" in part else "text"] = data.heard_text
