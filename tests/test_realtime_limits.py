@@ -238,3 +238,15 @@ async def test_http_routes(start_server: StartServer, bridge_for: Any) -> None:
     assert (await http(base + "/static/worklets.js")).status_code == 200
     health = await http(base + "/healthz")
     assert health.status_code == 200 and health.json() == {"status": "SERVING"}
+
+
+async def test_the_session_time_limit_warns_then_closes_with_1001(start_server: StartServer, bridge_for: Any) -> None:
+    bridge = await bridge_for(await start_server(max_session_seconds=2))
+    async with websockets.connect(ws_url(bridge)) as ws:
+        created = await next_event(ws, "session.created")
+        assert created["session"]["expires_at"] > 0
+        assert (await next_event(ws, "error"))["error"]["code"] == "session_ending"
+        assert (await next_event(ws, "error"))["error"]["code"] == "out_of_range"
+        with pytest.raises(websockets.ConnectionClosed):
+            await asyncio.wait_for(next_event(ws, "never"), WITHIN_S)
+        assert ws.close_code == 1001
