@@ -12,7 +12,7 @@ for _var in ("MODAL_TOKEN_ID", "MODAL_TOKEN_SECRET"):
 import asyncio  # noqa: E402 - tokens must be gone before modal is imported
 import json  # noqa: E402
 import socket  # noqa: E402
-from collections.abc import AsyncIterator  # noqa: E402
+from collections.abc import AsyncIterator, Callable  # noqa: E402
 from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
@@ -24,9 +24,13 @@ from modal_proto import api_pb2  # noqa: E402
 
 from deploy import modal_app  # noqa: E402
 from tests.conftest import StartServer  # noqa: E402
-from tests.test_deploy import _closure  # noqa: E402
 
 TOKEN = "modal-test-token"
+
+
+def _closure(fn: Callable[..., Any]) -> dict[str, Any]:
+    """The variables a Modal loader captured when the object was defined (as tests/test_deploy.py reads them)."""
+    return {name: cell.cell_contents for name, cell in zip(fn.__code__.co_freevars, fn.__closure__ or (), strict=True)}
 
 
 @pytest.fixture(scope="module")
