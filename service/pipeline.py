@@ -16,6 +16,9 @@ A speculative response (started before its turn is committed) writes into a
 `HeldOutput` instead: nothing reaches the client until `promote()`, and the
 engine pauses it at its first audio frame.
 
+A response speaks in the domain events of `service.events` through an
+`EventSink` (the session maps them to the contract); it knows no protobuf.
+
 Frames and tokens of one response are bounded by its max_new_tokens, so the
 step buffers need no further bound; what the client has not read is bounded by
 the Outbox.
@@ -26,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -49,8 +53,17 @@ from service.backends.base import (
 )
 from service.clock import now_ms
 from service.engine.api import ConversationRef, Engine, EngineBusy, GenerationRequest, RequestHandle, UserTurn
-from service.outbox import Item, Outbox, SlowReader, WriteStats
-from voicechat.v1 import voicechat_pb2 as pb
+from service.events import (
+    AudioChunk,
+    DecodeBatch,
+    Event,
+    EventSink,
+    Later,
+    ResponseMetrics,
+    ResponseStatus,
+    TextDelta,
+)
+from service.outbox import SlowReader, WriteStats
 
 log = logging.getLogger(__name__)
 SAMPLES_PER_MS = OUTPUT_SAMPLE_RATE // 1000
@@ -92,7 +105,7 @@ class UserInput:
 
 @dataclass
 class ResponseResult:
-    status: int  # pb.ResponseStatus
+    status: ResponseStatus
     reason: str
     turn: AssistantTurn  # what the listener received
     heard_frames: int | None  # audio frames of `turn` they are estimated to have heard (None: all)
@@ -114,32 +127,32 @@ class _Timing:
 
 
 class HeldOutput:
-    """The outbox of a speculative response: events wait here until `release`.
+    """The event sink of a speculative response: events wait here until `release`.
 
     Bounded: a held response is paused at its first audio, so it holds a few
     text deltas and one or two chunks; past `_MAX_HELD_EVENTS` the response is
     failed as a slow reader would be (it cannot happen with a sane backend)."""
 
-    def __init__(self, outbox: Outbox) -> None:
-        self._outbox = outbox
-        self._held: list[tuple[Item, WriteStats | None, str]] = []
+    def __init__(self, sink: EventSink) -> None:
+        self._sink = sink
+        self._held: list[tuple[Event | Later, WriteStats | None]] = []
         self.released = False
 
     @property
     def high_water(self) -> int:
-        return self._outbox.high_water
+        return self._sink.high_water
 
-    def put(self, item: Item, stats: WriteStats | None = None, response_id: str = "") -> None:
+    def put(self, event: Event | Later, stats: WriteStats | None = None) -> None:
         if self.released:
-            self._outbox.put(item, stats, response_id)
+            self._sink.put(event, stats)
             return
         if len(self._held) >= _MAX_HELD_EVENTS:
             raise SlowReader(f"a speculative response held more than {_MAX_HELD_EVENTS} events")
-        self._held.append((item, stats, response_id))
+        self._held.append((event, stats))
 
     def purge(self, response_id: str) -> int:
         if self.released:
-            return self._outbox.purge(response_id)
+            return self._sink.purge(response_id)
         dropped = len(self._held)
         self._held = []
         return dropped
@@ -149,12 +162,10 @@ class HeldOutput:
         held, self._held = self._held, []
         self.released = True
         now = now_ms()
-        for item, stats, response_id in held:
-            if isinstance(item, pb.ConverseResponse):
-                media = item.text_delta if item.HasField("text_delta") else item.audio_chunk
-                if media.ready_ts_ms:
-                    media.ready_ts_ms = now  # server latency counts from the release, not the hold
-            self._outbox.put(item, stats, response_id)
+        for event, stats in held:
+            if isinstance(event, TextDelta | AudioChunk) and event.ready_ts_ms:
+                event = dataclasses.replace(event, ready_ts_ms=now)  # server latency counts from the release
+            self._sink.put(event, stats)
 
 
 class _LoopSink:
@@ -188,7 +199,7 @@ class ResponseRun:
         conversation: ConversationRef,
         sampling: Sampling,
         policy: OutputPolicy,
-        outbox: Outbox,
+        events: EventSink,
         decode_pool: Executor,
         trace: bool,
         speculative: bool = False,
@@ -201,13 +212,13 @@ class ResponseRun:
         self._conversation = conversation
         self._sampling = sampling
         self._policy = policy
-        self._held = HeldOutput(outbox) if speculative else None
-        self._outbox: Outbox | HeldOutput = self._held or outbox
+        self._held = HeldOutput(events) if speculative else None
+        self._events: EventSink = self._held or events
         self._decode_pool = decode_pool
         self._trace = trace
         self.speculative = speculative
         self._handle: RequestHandle | None = None
-        self._stopped_status: int | None = None
+        self._stopped_status: ResponseStatus | None = None
         self._stopped_at = 0.0
         self._stop_reason = ""
         self._changed = asyncio.Event()
@@ -236,7 +247,7 @@ class ResponseRun:
         """A speculative response not promoted yet: nothing of it was sent."""
         return self._held is not None and not self._held.released
 
-    def stop(self, status: int, reason: str = "") -> None:
+    def stop(self, status: ResponseStatus, reason: str = "") -> None:
         """End the response early (cancel, barge-in, slow reader, shutdown).
 
         Generation stops at the next model step; queued text and audio that
@@ -246,7 +257,7 @@ class ResponseRun:
             self._stopped_at = now_ms()
         if self._handle is not None:
             self._handle.abort()
-        self._outbox.purge(self.response_id)
+        self._events.purge(self.response_id)
         self._changed.set()
 
     def promote(self) -> None:
@@ -289,7 +300,7 @@ class ResponseRun:
     def _on_finished(self, end: EndReason | None, error: BaseException | None) -> None:
         if self.held and end is EndReason.STOPPED and not self.stopping:
             # the engine took back a speculation's place for a committed turn: it cannot be promoted
-            self.stop(pb.RESPONSE_STATUS_CANCELLED, "speculation preempted by a committed turn")
+            self.stop(ResponseStatus.CANCELLED, "speculation preempted by a committed turn")
         self._end, self._error, self._done = end, error, True
         self._finished.set()
         self._changed.set()
@@ -311,10 +322,10 @@ class ResponseRun:
         try:
             await self._consume_audio()
         except SlowReader as slow:
-            self.stop(pb.RESPONSE_STATUS_FAILED, str(slow))
+            self.stop(ResponseStatus.FAILED, str(slow))
         except Exception as failure:  # noqa: BLE001 - a decode failure fails this response only
             log.exception("response %s: output failed", self.response_id)
-            self.stop(pb.RESPONSE_STATUS_FAILED, f"audio decode failed: {type(failure).__name__}")
+            self.stop(ResponseStatus.FAILED, f"audio decode failed: {type(failure).__name__}")
         finally:
             if not self._done:
                 self._handle.abort()
@@ -329,11 +340,10 @@ class ResponseRun:
 
     def _put_text(self, text: str, source_ts: float) -> None:
         self._text_parts.append(text)
-        delta = pb.TextDelta(response_id=self.response_id, text=text)
         if self._trace:
-            delta.source_ts_ms = source_ts
-            delta.ready_ts_ms = now_ms()
-        self._outbox.put(pb.ConverseResponse(text_delta=delta), self.stats, self.response_id)
+            self._events.put(TextDelta(self.response_id, text, source_ts, ready_ts_ms=now_ms()), self.stats)
+        else:
+            self._events.put(TextDelta(self.response_id, text), self.stats)
 
     async def _consume_audio(self) -> None:
         loop = asyncio.get_running_loop()
@@ -375,16 +385,7 @@ class ResponseRun:
                     return
                 self._put_audio(pcm, reframer, source_ts, final=False)
                 if self._trace:
-                    self._outbox.put(
-                        pb.ConverseResponse(
-                            metrics=pb.Metrics(
-                                response_id=self.response_id,
-                                decode_batch=pb.DecodeBatchMetrics(
-                                    frames=count, decode_ms=decode_ms, backlog_frames=pending
-                                ),
-                            )
-                        )
-                    )
+                    self._events.put(DecodeBatch(self.response_id, count, decode_ms, backlog_frames=pending))
             in_flight = self._decode_pool.submit(decoder.flush)
             tail = await asyncio.wrap_future(in_flight)
             last_ts = self._frame_ts[-1] if self._frame_ts else 0.0
@@ -419,25 +420,24 @@ class ResponseRun:
                 chunks += [rest] if rest else []
         for chunk in chunks:
             samples = len(chunk) // 2
-            audio = pb.AudioChunk(
+            audio = AudioChunk(
                 response_id=self.response_id,
                 pcm16=chunk,
                 sample_rate_hz=OUTPUT_SAMPLE_RATE,
                 duration_ms=round(samples / SAMPLES_PER_MS),
                 offset_ms=round(self._audio_samples_sent / SAMPLES_PER_MS),
+                source_ts_ms=source_ts if self._trace else 0.0,
+                ready_ts_ms=ready_ts if self._trace else 0.0,
             )
-            if self._trace:
-                audio.source_ts_ms = source_ts
-                audio.ready_ts_ms = ready_ts
             self._audio_samples_sent += samples
-            self._outbox.put(pb.ConverseResponse(audio_chunk=audio), self.stats, self.response_id)
+            self._events.put(audio, self.stats)
 
     def _result(self) -> ResponseResult:
         turn = AssistantTurn(list(self._steps))
         heard: int | None = None
         if self._stopped_status is not None:
             status, reason = self._stopped_status, self._stop_reason
-            if status != pb.RESPONSE_STATUS_FAILED:
+            if status is not ResponseStatus.FAILED:
                 # the history keeps what the listener can have heard: of the audio
                 # that was sent, no more than real-time playback from the first chunk
                 # to the stop; a TruncateResponse from the client refines it
@@ -446,13 +446,13 @@ class ResponseRun:
                 played = min(s.audio_ms_written, self._stopped_at - s.first_audio_ts) if s.first_audio_ts else 0
                 heard = -(-int(played) // FRAME_MS)
         elif isinstance(self._error, EngineBusy):  # refused by the engine's caps or its wait bound: retry later
-            status, reason = pb.RESPONSE_STATUS_FAILED, f"the model is busy: {self._error}; retry later"
+            status, reason = ResponseStatus.FAILED, f"the model is busy: {self._error}; retry later"
         elif self._error is not None:
-            status, reason = pb.RESPONSE_STATUS_FAILED, f"model error: {type(self._error).__name__}: {self._error}"
+            status, reason = ResponseStatus.FAILED, f"model error: {type(self._error).__name__}: {self._error}"
         elif self._end is EndReason.MAX_TOKENS:
-            status, reason = pb.RESPONSE_STATUS_MAX_TOKENS, f"reached max_new_tokens={self._sampling.max_new_tokens}"
+            status, reason = ResponseStatus.MAX_TOKENS, f"reached max_new_tokens={self._sampling.max_new_tokens}"
         else:
-            status, reason = pb.RESPONSE_STATUS_COMPLETED, ""
+            status, reason = ResponseStatus.COMPLETED, ""
         return ResponseResult(
             status=status,
             reason=reason,
@@ -464,7 +464,7 @@ class ResponseRun:
             audio_frames=len(self._frames),
         )
 
-    def metrics(self, user: UserInput) -> pb.ResponseMetrics:
+    def metrics(self, user: UserInput) -> ResponseMetrics:
         """The response summary; call when the writer has sent the response."""
         t, s = self.timing, self.stats
         commit = user.commit_ts or t.start
@@ -472,7 +472,7 @@ class ResponseRun:
         step_latencies = sorted(s.step_latencies_ms)
         audio_s = sum(isinstance(x, AudioFrame) and not is_end_of_audio(x.codes) for x in self._steps) * FRAME_MS / 1000
         generation_ms = max(t.last_step - t.start, 1e-3)
-        return pb.ResponseMetrics(
+        return ResponseMetrics(
             speech_end_to_commit_ms=(commit - user.speech_end_ts) if user.speech_end_ts else 0.0,
             prefill_ms=max(0.0, t.first_step - commit) if t.first_step else 0.0,
             commit_to_first_text_ms=(s.first_text_ts - commit) if s.first_text_ts else 0.0,
@@ -485,7 +485,7 @@ class ResponseRun:
             decode_ms_max=max(t.decode_ms, default=0.0),
             server_latency_p50_ms=latencies[len(latencies) // 2] if latencies else 0.0,
             server_latency_max_ms=latencies[-1] if latencies else 0.0,
-            queue_high_water=self._outbox.high_water,
+            queue_high_water=self._events.high_water,
             text_coalesced=s.text_coalesced,
             audio_merged=s.audio_merged,
             first_chunk_frames=self._policy.first_frames,

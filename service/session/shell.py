@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -60,24 +61,40 @@ from service.errors import (
     Undecodable,
     status_of,
 )
+from service.events import (
+    CommitReason,
+    GoAway,
+    InputTranscription,
+    PlaybackInterrupted,
+    ResponseEnded,
+    ResponseStarted,
+    ResponseStatus,
+    ResponseSummary,
+    ResponseTruncated,
+    SessionStarted,
+    SpeechStarted,
+    SpeechStopped,
+    TurnCommitted,
+)
 from service.metrics import ServiceMetrics
 from service.oneshot import transcribe
-from service.options import SessionOptions, apply_update, limits_to_proto, options_to_proto
+from service.options import SessionOptions
 from service.outbox import Outbox, StreamEnd
 from service.pipeline import SAMPLES_PER_MS, OutputPolicy, ResponseResult, ResponseRun, UserInput
+from service.session import wire
+from service.session.wire import ProtocolViolation
 from service.turn_pool import TurnPool
 from service.turns import (
     InterruptSpeech,
     SpeechPaused,
     SpeechResumed,
-    SpeechStarted,
-    SpeechStopped,
     TurnEvent,
     TurnMode,
     TurnReady,
     TurnTracker,
 )
-from voicechat.v1 import voicechat_pb2 as pb
+from service.turns import SpeechStarted as SpeechBegan
+from service.turns import SpeechStopped as SpeechEnded
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +102,6 @@ _MAX_QUEUED_TURNS = 4  # committed turns waiting for the running response
 _GO_AWAY_LEAD_S = 10.0  # GoAway this long before the session time limit
 _END_GRACE_S = 2.0  # an end waits this long behind unsent events before the call is cut
 _WATCHDOG_TICK_S = 0.25
-
-
-class ProtocolViolation(FailedPrecondition):
-    """A request that breaks the stream's protocol; ends the stream."""
 
 
 class _Ended(Exception):
@@ -177,6 +190,7 @@ class ChatSession:
         self.options = options
         self.peer = peer
         self.outbox = Outbox(max_audio_ms=runtime.settings.max_pending_audio_ms)
+        self.events = wire.Wire(self.outbox, runtime.metrics)  # every event goes out through it
         self.engine = runtime.engine
         # the engine creates the model-side state on its own thread
         self.conversation: ConversationRef = self.engine.open(options.system_prompt)
@@ -216,19 +230,19 @@ class ChatSession:
     # -- lifecycle ------------------------------------------------------------
     async def run(
         self,
-        requests: AsyncIterator[pb.ConverseRequest | Undecodable],
-        write: Callable[[pb.ConverseResponse], Awaitable[None]],
+        requests: AsyncIterator[wire.Request | Undecodable],
+        write: Callable[[wire.Message], Awaitable[None]],
     ) -> StreamEnd:
         """Serve the stream until it ends; return how it ended.
 
         Every task of the session runs here and is finished when this returns,
         also when the caller is cancelled (the client went away)."""
         backend = self.runtime.backend
-        self._put(
-            session_started=pb.SessionStarted(
+        self.events.put(
+            SessionStarted(
                 session_id=self.id,
-                config=options_to_proto(self.options),
-                limits=limits_to_proto(self.runtime.settings),
+                options=self.options,
+                settings=self.runtime.settings,
                 model=f"{backend.name}:{backend.model_id}",
                 output_sample_rate_hz=24_000,
             )
@@ -258,14 +272,14 @@ class ChatSession:
         self._turn_feed.close()
         for run in (self.current, self._speculative.run if self._speculative else None):
             if run is not None:
-                run.stop(pb.RESPONSE_STATUS_CANCELLED, "stream closed")
+                run.stop(ResponseStatus.CANCELLED, "stream closed")
         self.engine.release(self.conversation)
 
     def go_away(self, time_left_s: float, reason: str) -> None:
         """Warn the client that the stream ends in `time_left_s`."""
         if not self._going_away:
             self._going_away = True
-            self.outbox.put(pb.ConverseResponse(go_away=pb.GoAway(time_left_ms=int(time_left_s * 1000), reason=reason)))
+            self.events.put(GoAway(time_left_ms=int(time_left_s * 1000), reason=reason))
 
     def drain(self, grace_s: float) -> None:
         """Server shutdown: finish the response in flight, then end the stream."""
@@ -282,12 +296,12 @@ class ChatSession:
             return
         self._end_deadline = time.monotonic() + _END_GRACE_S
         if self.current is not None and error is not None:
-            self.current.stop(pb.RESPONSE_STATUS_CANCELLED, error.message)
+            self.current.stop(ResponseStatus.CANCELLED, error.message)
         self._discard_speculation()
         self.outbox.put(StreamEnd(None) if error is None else StreamEnd(*status_of(error)))
 
     # -- writer -----------------------------------------------------------------
-    async def _write(self, write: Callable[[pb.ConverseResponse], Awaitable[None]]) -> None:
+    async def _write(self, write: Callable[[wire.Message], Awaitable[None]]) -> None:
         while True:
             item = await self.outbox.get()
             if isinstance(item, StreamEnd):
@@ -306,7 +320,7 @@ class ChatSession:
             self.outbox.written()  # the client took it: what follows is not merged for a prompt reader
 
     # -- reader -----------------------------------------------------------------
-    async def _read(self, requests: AsyncIterator[pb.ConverseRequest | Undecodable]) -> None:
+    async def _read(self, requests: AsyncIterator[wire.Request | Undecodable]) -> None:
         async for request in requests:
             self._last_request = time.monotonic()
             if self.outbox.end is not None:
@@ -315,7 +329,7 @@ class ChatSession:
                 self.end(request.error())
                 continue
             try:
-                await self._handle(request)
+                await self._handle(wire.from_proto(request))
             except ProtocolViolation as exc:
                 self.end(exc)
             except ServiceError as exc:
@@ -324,28 +338,26 @@ class ChatSession:
 
     def _error(self, exc: ServiceError) -> None:
         self.runtime.metrics.error(exc.code_name)
-        self.outbox.put(pb.ConverseResponse(error=pb.Error(code=exc.code_name, message=exc.message, field=exc.field)))
+        self.events.put(wire.error_event(exc))
 
-    async def _handle(self, request: pb.ConverseRequest) -> None:
-        kind = request.WhichOneof("kind")
-        if kind != "audio":
-            await self._turn_feed.settle()  # requests apply after the audio sent before them
-        if kind == "audio":
-            await self._on_audio(request.audio.pcm16)
-        elif kind == "text":
-            self._on_text(request.text)
-        elif kind == "commit_turn":
-            self._commit(self._client_commit(), pb.COMMIT_REASON_CLIENT_COMMIT, required=True)
-        elif kind == "cancel_response":
-            self._on_cancel(request.cancel_response.response_id)
-        elif kind == "truncate":
-            self._on_truncate(request.truncate)
-        elif kind == "update_config":
-            self._on_update(request.update_config)
-        elif kind == "config":
-            raise ProtocolViolation("config is only allowed as the first message; use update_config", "config")
-        else:
-            raise InvalidArgument("empty ConverseRequest: set one of its fields", "kind")
+    async def _handle(self, request: wire.ClientRequest) -> None:
+        if isinstance(request, wire.AudioIn):
+            await self._on_audio(request.pcm16)
+            return
+        await self._turn_feed.settle()  # requests apply after the audio sent before them
+        match request:
+            case wire.TextIn():
+                self._on_text(request)
+            case wire.CommitTurn():
+                self._commit(self._client_commit(), CommitReason.CLIENT_COMMIT, required=True)
+            case wire.CancelResponse():
+                self._on_cancel(request.response_id)
+            case wire.TruncateResponse():
+                self._on_truncate(request)
+            case wire.UpdateConfig():
+                self._on_update(request)
+            case wire.BadRequest():
+                raise request.error
 
     async def _on_audio(self, data: bytes) -> None:
         if len(data) % 2:
@@ -370,27 +382,27 @@ class ChatSession:
 
     def _dispatch(self, events: list[TurnEvent]) -> None:
         for event in events:
-            if isinstance(event, SpeechStarted):
+            if isinstance(event, SpeechBegan):
                 self._discard_speculation()
-                self._put(speech_started=pb.SpeechStarted(audio_start_ms=int(event.audio_start_ms)))
+                self.events.put(SpeechStarted(audio_start_ms=int(event.audio_start_ms)))
             elif isinstance(event, InterruptSpeech):
                 self._barge_in(int(event.audio_start_ms))
             elif isinstance(event, SpeechPaused):
                 self._speculate(event.audio)
             elif isinstance(event, SpeechResumed):
                 self._discard_speculation()
-            elif isinstance(event, SpeechStopped):
+            elif isinstance(event, SpeechEnded):
                 # the detector confirms the end only after some silence: date the end
                 # of speech back by the audio received since (input arrives in real time)
                 self._speech_end_ts = self._turn_feed.heard_ts(event.audio_end_ms)
-                self._put(speech_stopped=pb.SpeechStopped(audio_end_ms=int(event.audio_end_ms)))
+                self.events.put(SpeechStopped(audio_end_ms=int(event.audio_end_ms)))
             elif isinstance(event, TurnReady):
-                reason = pb.COMMIT_REASON_SERVER_VAD
+                reason = CommitReason.SERVER_VAD
                 if event.reason == "max_turn_length":
-                    reason = pb.COMMIT_REASON_MAX_TURN_LENGTH
+                    reason = CommitReason.MAX_TURN_LENGTH
                 self._commit(event, reason)
 
-    def _on_text(self, msg: pb.InputText) -> None:
+    def _on_text(self, msg: wire.TextIn) -> None:
         limit = self.runtime.settings.max_text_chars
         if len(msg.text) > limit:
             raise InvalidArgument(f"text.text is longer than {limit} characters ({len(msg.text)})", "text.text")
@@ -403,17 +415,17 @@ class ChatSession:
         self._discard_speculation()  # the turn now holds text the speculation did not see
         self._pending_text.append(msg.text)
         if not msg.defer_response:
-            self._commit(self._client_commit(), pb.COMMIT_REASON_TEXT_INPUT)
+            self._commit(self._client_commit(), CommitReason.TEXT_INPUT)
 
     def _client_commit(self) -> TurnReady | None:
         """The pending audio turn, closing a speech segment still open."""
         in_speech = self.tracker.in_speech
         ready = self.tracker.commit("client_commit")
         if in_speech and ready is not None:
-            self._put(speech_stopped=pb.SpeechStopped(audio_end_ms=int(ready.audio_end_ms)))
+            self.events.put(SpeechStopped(audio_end_ms=int(ready.audio_end_ms)))
         return ready
 
-    def _commit(self, ready: TurnReady | None, reason: pb.CommitReason, required: bool = False) -> None:
+    def _commit(self, ready: TurnReady | None, reason: CommitReason, required: bool = False) -> None:
         text = "\n".join(self._pending_text)
         if ready is None and not text:
             if required:
@@ -443,13 +455,13 @@ class ChatSession:
             audio=ready.audio if ready is not None else None,
             text=text,
             commit_ts=now_ms(),
-            speech_end_ts=self._speech_end_ts if reason == pb.COMMIT_REASON_SERVER_VAD else 0.0,
+            speech_end_ts=self._speech_end_ts if reason is CommitReason.SERVER_VAD else 0.0,
             end_of_turn_probability=getattr(ready, "end_of_turn_probability", 0.0),
         )
         self._speech_end_ts = 0.0
         self.runtime.metrics.turn_committed(reason)
-        self._put(
-            turn_committed=pb.TurnCommitted(
+        self.events.put(
+            TurnCommitted(
                 turn_id=turn_id,
                 audio_duration_ms=int(ready.duration_ms) if ready is not None else 0,
                 text_chars=len(text),
@@ -477,28 +489,24 @@ class ChatSession:
             return
         run = self.current
         if run is not None and not run.stopping:
-            run.stop(pb.RESPONSE_STATUS_INTERRUPTED, "the user started speaking")
-            self._put(
-                playback_interrupted=pb.PlaybackInterrupted(response_id=run.response_id, audio_start_ms=audio_start_ms)
-            )
+            run.stop(ResponseStatus.INTERRUPTED, "the user started speaking")
+            self.events.put(PlaybackInterrupted(response_id=run.response_id, audio_start_ms=audio_start_ms))
         elif run is None and now_ms() < self._playback.end:
             # generation is over but the client is still playing: flush it and
             # keep in the history only what was played so far (real-time playback
             # since the first chunk was sent; a TruncateResponse refines it)
             played_ms = max(0, int(now_ms() - self._playback.start))
             response_id = self._playback.response_id
-            self._put(
-                playback_interrupted=pb.PlaybackInterrupted(response_id=response_id, audio_start_ms=audio_start_ms)
-            )
+            self.events.put(PlaybackInterrupted(response_id=response_id, audio_start_ms=audio_start_ms))
             self._playback.end = 0.0
             self._truncate(response_id, played_ms, required=False)
 
     def _on_cancel(self, response_id: str) -> None:
         run = self.current
         if run is not None and response_id in ("", run.response_id):
-            run.stop(pb.RESPONSE_STATUS_CANCELLED, "cancelled by the client")
+            run.stop(ResponseStatus.CANCELLED, "cancelled by the client")
 
-    def _on_truncate(self, msg: pb.TruncateResponse) -> None:
+    def _on_truncate(self, msg: wire.TruncateResponse) -> None:
         if not msg.response_id:
             raise InvalidArgument("truncate.response_id is required", "truncate.response_id")
         if self.current is not None and self.current.response_id == msg.response_id:
@@ -551,14 +559,12 @@ class ChatSession:
             if required:
                 self._error(self._stale_truncate(response_id))
             return
-        self._put(
-            response_truncated=pb.ResponseTruncated(
-                response_id=response_id, audio_kept_ms=kept.audio_frames * FRAME_MS, heard_text=kept.text
-            )
+        self.events.put(
+            ResponseTruncated(response_id=response_id, audio_kept_ms=kept.audio_frames * FRAME_MS, heard_text=kept.text)
         )
 
-    def _on_update(self, msg: pb.UpdateConfig) -> None:
-        before, self.options = self.options, apply_update(self.options, msg, self.runtime.settings)
+    def _on_update(self, msg: wire.UpdateConfig) -> None:
+        before, self.options = self.options, msg.apply(self.options, self.runtime.settings)
         spec, turn = self._speculative, self.options.turn
         answers_otherwise = (self.options.sampling, self.options.trace) != (before.sampling, before.trace)
         if spec is not None and (answers_otherwise or not turn.speculative or turn.mode is TurnMode.MANUAL):
@@ -573,7 +579,7 @@ class ChatSession:
         """Half-close: answer what is pending, then end the stream cleanly."""
         await self._turn_feed.settle()
         with contextlib.suppress(ServiceError):
-            self._commit(self.tracker.commit("end_of_input"), pb.COMMIT_REASON_END_OF_INPUT)
+            self._commit(self.tracker.commit("end_of_input"), CommitReason.END_OF_INPUT)
         self._discard_speculation()
         await self._turns.put(None)
 
@@ -604,7 +610,7 @@ class ChatSession:
         spec.discarded = True
         spec.decided.set()
         if spec.run is not None:
-            spec.run.stop(pb.RESPONSE_STATUS_CANCELLED, "speculation discarded")
+            spec.run.stop(ResponseStatus.CANCELLED, "speculation discarded")
 
     def _settle(self, spec: _Speculation) -> None:
         """The speculation was committed, or its undo is queued (or it never
@@ -620,7 +626,7 @@ class ChatSession:
         run, user = spec.run, spec.user
         assert run is not None and user is not None
         self.response_count += 1
-        self._put(response_started=pb.ResponseStarted(response_id=run.response_id, turn_id=user.turn_id))
+        self.events.put(ResponseStarted(response_id=run.response_id, turn_id=user.turn_id))
         self.current = run
         run.promote()
 
@@ -644,7 +650,7 @@ class ChatSession:
         run = self._new_run(f"resp_{self.response_count + 1}", speculative=True)
         spec.run = run
         if spec.discarded:
-            run.stop(pb.RESPONSE_STATUS_CANCELLED, "speculation discarded")
+            run.stop(ResponseStatus.CANCELLED, "speculation discarded")
         elif spec.user is not None:
             self._promote(spec)
         try:
@@ -685,7 +691,7 @@ class ChatSession:
             conversation=self.conversation,
             sampling=self.options.sampling,
             policy=output_policy(self.options, rt.settings),
-            outbox=self.outbox,
+            events=self.events,
             decode_pool=rt.decode_pool,
             trace=self.options.trace,
             speculative=speculative,
@@ -695,7 +701,7 @@ class ChatSession:
     async def _respond(self, user: UserInput) -> None:
         self.response_count += 1
         response_id = f"resp_{self.response_count}"
-        self._put(response_started=pb.ResponseStarted(response_id=response_id, turn_id=user.turn_id))
+        self.events.put(ResponseStarted(response_id=response_id, turn_id=user.turn_id))
         run = self._new_run(response_id)
         self.current = run
         try:
@@ -714,32 +720,32 @@ class ChatSession:
         self._playback.end = self._playback.start + result.audio_ms
         if pending and pending[0] == response_id:
             self._truncate(response_id, pending[1], required=True)
-        if result.status == pb.RESPONSE_STATUS_FAILED:
+        if result.status is ResponseStatus.FAILED:
             log.warning("%s %s failed: %s", self.id, response_id, result.reason,
                         extra={**self.log_extra, "response_id": response_id})  # fmt: skip
         self.runtime.metrics.response_ended(result.status)
-        ended = pb.ConverseResponse(
-            response_ended=pb.ResponseEnded(
+        self.events.put(
+            ResponseEnded(
                 response_id=response_id,
-                status=result.status,  # type: ignore[arg-type]
+                status=result.status,
                 reason=result.reason,
                 text=result.text,
                 text_tokens=result.text_tokens,
                 audio_frames=result.audio_frames,
                 audio_ms=result.audio_ms,
                 heard_text=(turn if heard is None else turn.truncated(heard)).text,
+                summary=lambda: run.metrics(user),
             )
         )
-        self.outbox.put(self.runtime.metrics.when_written(ended, lambda: run.metrics(user)))
         if self.options.trace:
             starts, discards = self.speculative_starts, self.speculative_discards
 
-            def metrics() -> pb.ConverseResponse:
-                summary = run.metrics(user)
-                summary.speculative_starts, summary.speculative_discards = starts, discards
-                return pb.ConverseResponse(metrics=pb.Metrics(response_id=response_id, response=summary))
+            def summary() -> ResponseSummary:
+                figures = run.metrics(user)
+                figures = dataclasses.replace(figures, speculative_starts=starts, speculative_discards=discards)
+                return ResponseSummary(response_id, figures)
 
-            self.outbox.put(metrics)
+            self.events.put(summary)
 
     # -- helpers ---------------------------------------------------------------------
     async def _transcribe(self, turn_id: str, audio: np.ndarray) -> None:
@@ -749,7 +755,7 @@ class ChatSession:
             self._error(exc)
             return
         self.runtime.metrics.input_transcription()
-        self._put(input_transcription=pb.InputTranscription(turn_id=turn_id, text=text))
+        self.events.put(InputTranscription(turn_id=turn_id, text=text))
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None] | None:
         """Run a short helper task owned by the session's TaskGroup."""
@@ -779,7 +785,7 @@ class ChatSession:
                     # the outbox ended the stream itself (too many events wait for a client that does not read)
                     self._end_deadline = now + _END_GRACE_S
                     if self.current is not None:
-                        self.current.stop(pb.RESPONSE_STATUS_CANCELLED, ending.details)
+                        self.current.stop(ResponseStatus.CANCELLED, ending.details)
                 if now >= self._end_deadline:
                     raise _Ended  # the client does not read its end: cut the call
                 continue
@@ -793,6 +799,3 @@ class ChatSession:
             idle = settings.idle_timeout_seconds
             if idle and self.current is None and now - self._last_request > idle:
                 self.end(DeadlineExceeded(f"no request for {idle} s (idle timeout)"))
-
-    def _put(self, **event: object) -> None:
-        self.outbox.put(pb.ConverseResponse(**event))  # type: ignore[arg-type]
