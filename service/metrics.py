@@ -126,7 +126,16 @@ class _EngineCollector(Collector):
             "(expected to stay 0; see service/backends/lfm2_cache.py).",
         )
         fallbacks.add_metric([], engine.backend.cache_stats.fallbacks)
-        yield from (steps, rows, waiting, running, fallbacks)
+        suspended = CounterMetricFamily(
+            f"{PREFIX}_engine_suspended",
+            "Committed responses that gave their place in a full batch up to a waiting turn (and resumed later).",
+        )
+        suspended.add_metric([], stats.suspended)
+        speculative = CounterMetricFamily(
+            f"{PREFIX}_engine_speculative_rows", "Speculative responses that got a place in the batch."
+        )
+        speculative.add_metric([], stats.speculative)
+        yield from (steps, rows, waiting, running, fallbacks, suspended, speculative)
 
     def describe(self) -> Iterator[Metric]:
         return iter(())  # names are not known to the registry up front: no clash checks needed

@@ -204,6 +204,18 @@ def test_engine_figures_are_read_when_scraped() -> None:
         assert value(samples, "voicechat_engine_rows_total") == engine.stats.rows == len(sink.items)
         assert value(samples, "voicechat_engine_running") == 0
         assert value(samples, "voicechat_engine_waiting_turns") == 0
+        assert value(samples, "voicechat_engine_suspended_total") == value(
+            samples, "voicechat_engine_speculative_rows_total") == 0  # fmt: skip
+        assert value(samples, "voicechat_prefix_cache_fallbacks_total") == 0
+        spec = StepCollector()
+        request = GenerationRequest(ref, UserTurn(text="maybe"), backend.default_sampling(), speculative=True)
+        handle = engine.submit(request, spec)
+        deadline = time.monotonic() + 5
+        while not handle.paused and time.monotonic() < deadline:  # it pauses itself at its first audio
+            time.sleep(0.01)
+        assert handle.paused and value(local(metrics), "voicechat_engine_speculative_rows_total") == 1
+        handle.abort()
+        assert spec.wait().finished_calls == 1
     finally:
         engine.close(5)
 

@@ -181,6 +181,7 @@ class EngineStats:
     waiting: int = 0  # requests waiting for a place in the batch now
     running: int = 0  # requests generating now
     suspended: int = 0  # committed responses that gave their place up to a waiting turn, so far
+    speculative: int = 0  # speculative requests that got a place, so far
 
 
 class TextStream:

@@ -627,6 +627,7 @@ class Scheduler(Engine):
             self._finish(row, EndReason.MAX_TOKENS, None)
         else:
             row.placed_at = time.monotonic()
+            self.stats.speculative += row.handle.priority is Priority.SPECULATIVE
             self._prefilling.append(row)
 
     def _stop_aborted(self) -> None:
