@@ -46,8 +46,7 @@ async def serve(argv: Sequence[str] | None = None) -> int:
             await asyncio.wait({stopped, failed}, return_when=asyncio.FIRST_COMPLETED)
             failed.cancel()
             if server.engine_failed.is_set():
-                log.critical("the model engine stopped (%r): exiting so that a new process takes over",
-                             server.engine_failure)  # fmt: skip
+                log.critical("exiting with status 3 so that a new process takes over")  # the cause is logged
                 await server.stop(0)
                 return 3
         else:

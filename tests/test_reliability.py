@@ -311,3 +311,54 @@ async def test_a_stream_that_never_sends_config_is_released(start_server: StartS
     assert error is not None and error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "no config within" in error.details()
     assert running.server.servicer.admission.active == 0
+
+
+# -- the engine's watchdog ---------------------------------------------------------------------
+
+
+async def test_a_dead_engine_fails_every_response_and_health_goes_not_serving(start_server: StartServer) -> None:
+    running = await start_server(scripted_step_ms=2)
+    health = health_pb2_grpc.HealthStub(running.channel)
+    assert (await health.Check(health_pb2.HealthCheckRequest())).status == health_pb2.HealthCheckResponse.SERVING
+    bystander = running.stub.Converse(requests([manual_config(), text("#frames=2000 a long reply")]))
+    await collect_until(bystander, stop_kind="audio_chunk")
+    call = running.stub.Converse(requests([manual_config(), text("#fatal")]))
+    for stream in (call, bystander):  # both responses end, failed, with the engine's error
+        events = await collect_until(stream, within=10)
+        ended = [e.response_ended for e in events if e.WhichOneof("event") == "response_ended"][-1]
+        assert ended.status == pb.RESPONSE_STATUS_FAILED and "FatalEngineError" in ended.reason
+        stream.cancel()
+    await asyncio.wait_for(running.server.engine_failed.wait(), 5)
+    assert (await health.Check(health_pb2.HealthCheckRequest())).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await running.stub.Generate(pb.GenerateRequest(text="after"), timeout=5)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_the_process_exits_non_zero_when_its_engine_dies() -> None:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service", "--backend", "scripted", "--scripted-step-ms", "2", "--port", "0"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert "serving on" in line, line
+        port = int(line.rsplit(":", 1)[1])
+
+        async def kill_the_engine() -> None:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                call = pb_grpc.VoiceChatServiceStub(channel).Converse(requests([manual_config(), text("#fatal")]))
+                await _drain(call)
+
+        asyncio.run(kill_the_engine())
+        assert proc.wait(timeout=20) == 3
+        assert proc.stderr is not None
+        log = proc.stderr.read()
+        assert log.count("the engine stopped: FatalEngineError") == 1  # the cause, once, with its traceback
+        assert "exiting with status 3" in log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

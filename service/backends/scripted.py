@@ -13,7 +13,9 @@ Replies depend on the input so tests can tell turns apart:
 - after a truncated response the next reply starts with
   "(You heard <ms> ms of my last answer.)".
 Directives in typed text, for tests and demos: `#frames=N` makes the reply
-exactly N audio frames long; `#fail` raises inside generation after a few steps.
+exactly N audio frames long; `#fail` raises inside generation after a few steps;
+`#fatal` (on the engine's scripted runner) is a model that can no longer run: the
+engine stops, as on a device error (the watchdog's tests).
 """
 
 from __future__ import annotations
@@ -128,7 +130,7 @@ class ScriptedConversation(Conversation):
         text = " ".join(self._user_text)
         match = _FRAMES_RE.search(text)
         frames = int(match.group(1)) if match else None
-        spoken = _FRAMES_RE.sub("", text).replace("#fail", "").strip()
+        spoken = _FRAMES_RE.sub("", text).replace("#fatal", "").replace("#fail", "").strip()
         if self.mode is GenerateMode.SYNTHESIZE:
             return spoken, frames
         if self._user_text:

@@ -15,13 +15,13 @@ from collections.abc import Iterator
 
 from service.backends.base import Finished, Step, TextToken
 from service.backends.scripted import ScriptedBackend, ScriptedConversation
-from service.engine.api import TextStream
+from service.engine.api import FatalEngineError, TextStream
 from service.engine.runner import Row, Runner, StepOut
 
 
 class _Answer:
-    def __init__(self, steps: Iterator[Step], text: TextStream) -> None:
-        self.steps, self.text = steps, text
+    def __init__(self, steps: Iterator[Step], text: TextStream, fatal: bool = False) -> None:
+        self.steps, self.text, self.fatal = steps, text, fatal
         self.next: Step | None = None  # looked ahead: the end comes with the last step, not a step later
 
 
@@ -38,9 +38,10 @@ class ScriptedRunner(Runner):
             state.add_user_audio(user.audio, user.audio_rate)
         if user.text:
             state.add_user_text(user.text)
+        fatal = "#fatal" in user.text
         state._flush_pending()
         steps = state.script(row.request.sampling, threading.Event(), paced=False)  # the scheduler stops rows
-        row.model = _Answer(steps, TextStream(self.backend.detokenize))
+        row.model = _Answer(steps, TextStream(self.backend.detokenize), fatal)
         return row.request.sampling.max_new_tokens > 0
 
     def prefill(self, rows: list[Row], budget: float) -> list[tuple[Row, BaseException | None]]:
@@ -52,6 +53,8 @@ class ScriptedRunner(Runner):
         if self._scripted.step_s:
             time.sleep(self._scripted.step_s)
         outs = []
+        if any(row.model.fatal for row in rows):
+            raise FatalEngineError("scripted model failure (#fatal directive)")
         for row in rows:
             answer: _Answer = row.model
             out = StepOut(row)
