@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 SESSION_SECONDS = 3600  # reported as expires_at when the server sets no limit
 MAX_ITEMS = 64  # conversation items the bridge remembers for conversation.item.retrieve (older ones: not found)
+MAX_PENDING_TEXTS = 64  # typed items one turn may gather before response.create; more are refused
 
 # WebSocket close codes for the ways a Converse stream ends (RFC 6455 section 7.4.1)
 CLOSE_CODES: dict[grpc.StatusCode, int] = {
@@ -111,7 +112,8 @@ class RealtimeSession:
         self._manual_audio: list[bytes] = []  # push-to-talk audio held until commit (input_audio_buffer)
         self._manual_bytes = 0
         self._expires_at = 0
-        self._turn_items: dict[str, str] = {}  # turn id -> user item id, for input transcripts
+        # spoken turn id -> (user item id, seconds of audio), until its input transcript arrives
+        self._turn_items: dict[str, tuple[str, float]] = {}
         self._failure: VoiceChatError | None = None  # why a reopen left the session without a stream
         self._items: dict[str, dict[str, Any]] = {}  # the latest MAX_ITEMS items, for conversation.item.retrieve
         self._default_tokens = 0  # the server's max_new_tokens default, for "inf"
@@ -393,6 +395,9 @@ class RealtimeSession:
         assert isinstance(item, dict)  # user_text checked it
         if len(text) > (self._limits.max_text_chars or 4000):
             raise ClientError(f"the text is longer than {self._limits.max_text_chars} characters", "item.content")
+        if len(self._pending_texts) >= MAX_PENDING_TEXTS:
+            raise ClientError(f"at most {MAX_PENDING_TEXTS} items wait for a response: send response.create",
+                              "item", "too_many_items")  # fmt: skip
         previous = event.get("previous_item_id")
         if previous not in (None, self._last_item):
             raise ClientError("previous_item_id: items can only be added at the end", "previous_item_id",
@@ -518,13 +523,13 @@ class RealtimeSession:
         elif kind == "response_ended":
             await self._response_ended(data)
         elif kind == "input_transcription":
-            item_id = self._turn_items.pop(data.turn_id, None)
+            item_id, seconds = self._turn_items.pop(data.turn_id, ("", 0.0))
             if item_id in self._items:
                 self._items[item_id]["content"][0]["transcript"] = data.text
-            if item_id is not None:
+            if item_id:
                 await self.send({"type": "conversation.item.input_audio_transcription.completed", "item_id": item_id,
                                  "content_index": 0, "transcript": data.text,
-                                 "usage": {"type": "duration", "seconds": 0}})  # fmt: skip
+                                 "usage": {"type": "duration", "seconds": seconds}})  # fmt: skip
         elif kind == "response_truncated":
             if resp is not None:
                 played = data.audio_kept_ms if resp.truncate_ms is None else resp.truncate_ms
@@ -546,11 +551,10 @@ class RealtimeSession:
     async def _turn_committed(self, data: pb.TurnCommitted) -> None:
         texts, self._text_items = self._text_items, []
         if data.audio_duration_ms == 0 and texts:
-            self._turn_items[data.turn_id] = texts[-1]  # a typed turn: its items were announced when created
-            return
+            return  # a typed turn: its items were announced when created, and it gets no transcript
         item_id = self._speech_item or self._new_item_id()
         self._speech_item = None
-        self._turn_items[data.turn_id] = item_id
+        self._turn_items[data.turn_id] = (item_id, data.audio_duration_ms / 1000)
         while len(self._turn_items) > 16:  # transcripts arrive soon after the commit; keep the latest few
             self._turn_items.pop(next(iter(self._turn_items)))
         prev, self._last_item = self._last_item, item_id

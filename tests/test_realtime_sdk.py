@@ -70,6 +70,13 @@ def types(events: list[Any]) -> list[str]:
     return [e.type for e in events]
 
 
+def committed_seconds(events: list[Any]) -> float:
+    """Seconds between the detected start and end of speech."""
+    started = next(e for e in events if e.type == "input_audio_buffer.speech_started")
+    stopped = next(e for e in events if e.type == "input_audio_buffer.speech_stopped")
+    return (stopped.audio_end_ms - started.audio_start_ms) / 1000
+
+
 def user_message(text: str) -> dict[str, Any]:
     return {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
 
@@ -190,6 +197,8 @@ async def test_spoken_turn_under_server_vad_with_input_transcription(
             transcription = [(await until(conn, "conversation.item.input_audio_transcription.completed"))[-1]]
         assert transcription[0].item_id == committed.item_id
         assert transcription[0].transcript  # the model's own transcript of the turn
+        # the usage is the committed turn's audio: at least the speech, at most all that was sent
+        assert committed_seconds(events) <= transcription[0].usage.seconds <= utterance.duration_ms / 1000
 
 
 async def test_push_to_talk_buffers_clears_and_commits(bridge: RealtimeBridge) -> None:
