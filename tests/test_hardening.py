@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from service.backends.scripted import ScriptedBackend, ScriptedDecoder
-from service.session import ChatSession
+from service.session.turn_control import TurnControl
 from tests.conftest import StartServer
 from tests.helpers import (
     collect_until,
@@ -36,10 +36,10 @@ async def test_a_crashed_session_task_ends_the_stream_with_internal(
 ) -> None:
     running = await start_server()
 
-    def broken(self: ChatSession, msg: pb.InputText) -> None:
+    def broken(self: TurnControl, text: str, defer_response: bool) -> None:
         raise RuntimeError("secret internal detail 0xdeadbeef")
 
-    monkeypatch.setattr(ChatSession, "_on_text", broken)
+    monkeypatch.setattr(TurnControl, "on_text", broken)
     rounds = 100  # the crash often lands while session_started is being sent: the status must follow it
     with caplog.at_level(logging.ERROR, logger="service.session"):
         for _ in range(rounds):

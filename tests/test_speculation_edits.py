@@ -38,7 +38,7 @@ async def _feed(queue: asyncio.Queue, pcm16: bytes) -> None:
 
 def _held(session: ChatSession) -> bool:
     """A speculative response is held: generated up to its first audio frame, not committed."""
-    spec = session._speculative
+    spec = session.speculation.current
     return spec is not None and spec.run is not None and spec.run.held and spec.run.timing.tokens_before_audio >= 0
 
 
@@ -65,7 +65,8 @@ async def _paused_turn(
     if wait_for is not None:
         events += await collect_until(call, stop_kind=wait_for, within=20)
     if speculative:
-        assert session._speculative is None or session._speculative.user is None  # not committed meanwhile
+        spec = session.speculation.current
+        assert spec is None or spec.user is None  # not committed meanwhile
     await _feed(queue, silence(900, RATE).pcm16)
     events += await collect_until(call, within=30)
     events += await collect_until(call, stop_kind="metrics", within=10)
