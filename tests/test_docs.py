@@ -165,6 +165,20 @@ def test_the_generators_find_their_blocks() -> None:
         docs_blocks.block("no markers", "x")
 
 
+def test_metrics_table_lists_every_series() -> None:
+    """docs/operations.md's metrics table names exactly the series `service/metrics.py` exports."""
+    source = (ROOT / "service" / "metrics.py").read_text()
+    counters = set(re.findall(r"(?:Counter|CounterMetricFamily)\(\s*f\"\{PREFIX\}_(\w+)\"", source))
+    others = set(re.findall(r"(?:Gauge|GaugeMetricFamily)\(\s*f\"\{PREFIX\}_(\w+)\"", source))
+    others |= set(re.findall(r"histogram\(\s*\"(\w+)\"", source))
+    exported = {f"voicechat_{name}_total" for name in counters} | {f"voicechat_{name}" for name in others}
+    doc = (ROOT / "docs" / "operations.md").read_text()
+    table = doc[doc.index("## Metrics") : doc.index("## Logs")]
+    documented = set(re.findall(r"^\| `(voicechat_\w+)` \|", table, re.M))
+    assert exported, "no series found in service/metrics.py: update this test's patterns"
+    assert documented == exported, f"undocumented: {sorted(exported - documented)}; gone: {sorted(documented - exported)}"
+
+
 # -- links, paths, targets, flags ---------------------------------------------------------------------------------
 
 
