@@ -292,3 +292,52 @@ def test_a_long_response_gives_its_place_up_for_a_while_and_resumes_where_it_sto
     assert not long.done.is_set() and engine.stats.suspended == 1
     assert long.wait().reason is EndReason.END_OF_TURN
     assert long.values == alone.values  # resumed exactly where it stopped
+
+
+def test_a_speculation_runs_on_a_fork_that_an_abort_or_a_trunk_edit_drops(engines: list[Scheduler]) -> None:
+    """No snapshot or restore from outside: a speculative request's changes to
+    the history are dropped when it stops before its commit, and an edit that
+    arrives while it runs aborts it and applies to the trunk."""
+    engine = _engine(engines, step_ms=1)
+    conversation = engine.open("")
+    first = StepCollector()
+    engine.submit(_request(conversation, "hello #frames=2"), first)
+    first.wait()
+    engine.edit(conversation, lambda c: c.record_response(AssistantTurn(list(first.items)))).result(5)
+    trunk = engine.edit(conversation, lambda c: list(c.history)).result(5)  # type: ignore[attr-defined]
+
+    aborted = StepCollector()
+    handle = engine.submit(_request(conversation, "a guess #frames=30", speculative=True), aborted)
+    deadline = time.monotonic() + 5
+    while not handle.paused and time.monotonic() < deadline:
+        time.sleep(0.005)
+    handle.abort()
+    assert aborted.wait().reason is EndReason.STOPPED
+    assert engine.edit(conversation, lambda c: list(c.history)).result(5) == trunk  # type: ignore[attr-defined]
+
+    live = StepCollector()
+    engine.submit(_request(conversation, "another guess #frames=30", speculative=True), live)
+    while not any(isinstance(i, AudioFrame) for i in live.items) and time.monotonic() < deadline + 5:
+        time.sleep(0.005)
+    seen = engine.edit(conversation, lambda c: list(c.history)).result(5)  # type: ignore[attr-defined]
+    assert live.wait().reason is EndReason.STOPPED and seen == trunk  # the edit saw the trunk, not the fork
+
+    promoted = StepCollector()
+    handle = engine.submit(_request(conversation, "kept #frames=3", speculative=True), promoted)
+    handle.promote()  # committed: the fork is the conversation from now on
+    assert promoted.wait().reason is EndReason.END_OF_TURN
+    assert len(engine.edit(conversation, lambda c: list(c.history)).result(5)) > len(trunk)  # type: ignore[attr-defined]
+
+
+def test_a_promote_racing_the_engines_hold_is_never_lost(engines: list[Scheduler]) -> None:
+    """The engine holds a speculation at its first audio while the loop may
+    promote it at that very moment: the check and the pause are one step, so a
+    promoted response is never left paused (it used to stop after its text)."""
+    engine = _engine(engines, max_batch=8, step_ms=0)
+    conversation = engine.open("")
+    for i in range(200):
+        sink = StepCollector()
+        handle = engine.submit(_request(conversation, f"{i} #frames=3", speculative=True), sink)
+        time.sleep(0.0002 * (i % 10))  # promote before, at, or after the first audio
+        handle.promote()
+        assert sink.wait().reason is EndReason.END_OF_TURN, i

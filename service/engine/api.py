@@ -144,6 +144,25 @@ class RequestHandle:
                 self.priority = Priority.TURN
         self.resume()
 
+    def drop_speculation(self) -> bool:
+        """Abort a request that is still speculative, in one step with the check (see
+        `hold_speculation`); True if aborted."""
+        with self._cond:
+            if self.priority is not Priority.SPECULATIVE:
+                return False
+            self.stop.set()
+        self.abort()  # idempotent: wakes whoever waits on the handle
+        return True
+
+    def hold_speculation(self) -> bool:
+        """Pause a request that is still speculative (its first audio is ready), in one
+        step with the check, so a `promote()` on another thread is never undone; True if paused."""
+        with self._cond:
+            if self.priority is not Priority.SPECULATIVE or self.stop.is_set():
+                return False
+            self._paused = True
+            return True
+
     def abort(self) -> None:
         with self._cond:
             self.stop.set()

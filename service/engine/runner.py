@@ -40,6 +40,7 @@ class Row:
         self.model: Any = None
         self.audio_frames = 0  # audio frames delivered (a speculative row pauses at its first)
         self.placed_at = 0.0  # monotonic time it got (or got back) its place
+        self.fork: object = None  # a speculation's trunk (the conversation's snapshot before it)
 
     @property
     def state(self) -> Conversation:

@@ -109,6 +109,7 @@ class _Lane:
     ops: deque[_Op] = field(default_factory=deque)
     busy: bool = False
     error: BaseException | None = None  # the conversation could not be created
+    row: Row | None = None  # its request holding a place (or suspended)
 
 
 class _Waiting:
@@ -492,14 +493,17 @@ class Scheduler(Engine):
                     continue
                 if isinstance(out.item, AudioFrame) and not is_end_of_audio(out.item.codes):
                     row.audio_frames += 1
-                    if row.audio_frames == 1 and row.handle.priority is Priority.SPECULATIVE:
-                        row.handle.pause()  # a speculation goes no further than its first audio
+                    if row.audio_frames == 1:
+                        row.handle.hold_speculation()  # a speculation goes no further than its first audio
             if out.end is not None or out.error is not None:
                 self._finish(row, out.end, out.error)
 
     # -- operations per conversation --------------------------------------------------
     def _run_lanes(self) -> None:
         for key, lane in list(self._ready.items()):
+            fork = lane.row
+            if lane.busy and fork is not None and any(op.kind == "edit" for op in lane.ops):
+                fork.handle.drop_speculation()  # an edit to the trunk drops a live fork; it applies after
             while lane.ops and not lane.busy:
                 op = lane.ops.popleft()
                 if op.kind == "edit":
@@ -617,10 +621,13 @@ class Scheduler(Engine):
             if too_long is not None:
                 raise EngineBusy(too_long)
             with self.runner.editing():
+                if op.handle.priority is Priority.SPECULATIVE:
+                    row.fork = row.state.snapshot()  # the trunk: the speculation runs on a fork of it
                 takes_steps = self.runner.start(row)
         except Exception as exc:  # noqa: BLE001 - fails this request only
             self._end(row, None, exc)
             return
+        lane.row = row
         if op.handle.aborted:
             self._finish(row, EndReason.STOPPED, None)
         elif not takes_steps:
@@ -654,12 +661,22 @@ class Scheduler(Engine):
         self._end(row, reason, error)
 
     def _end(self, row: Row, reason: EndReason | None, error: BaseException | None) -> None:
+        if row.fork is not None and row.handle.priority is Priority.SPECULATIVE and reason is not EndReason.END_OF_TURN:
+            # a speculation stopped before its commit: drop the fork, the conversation is its trunk again
+            # (one that ended by itself is kept: the session commits or undoes it)
+            try:
+                with self.runner.editing():
+                    row.state.restore(row.fork)
+            except Exception:  # noqa: BLE001 - the sink must still hear its end
+                log.exception("cannot drop the fork of %r", row)
+            row.fork = None
         try:
             row.sink.finished(reason, error)
         except Exception:  # noqa: BLE001 - a sink's failure must not stop the engine
             log.exception("sink failed")
         lane = self._lanes.get(row.ref.id)
         if lane is not None:
+            lane.row = None
             self._lane_free(lane)
         self.stats.running = len(self._prefilling) + len(self._decoding)
 
