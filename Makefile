@@ -101,7 +101,7 @@ test: system-deps node-deps $(STAMP)
 	env -u MODAL_TOKEN_ID -u MODAL_TOKEN_SECRET $(PY) -m pytest -q $(ARGS)
 
 check: node-deps $(STAMP)
-	$(VENV)/bin/ruff check service clients tests bench deploy scripts
+	$(VENV)/bin/ruff check service clients tests bench deploy scripts realtime
 	$(VENV)/bin/mypy
 	node_modules/.bin/buf lint proto
 	@tmp=$$(mktemp -d); \
