@@ -34,6 +34,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
+import service.session.wire as wire
 from service.errors import (
     DeadlineExceeded,
     Internal,
@@ -48,7 +49,6 @@ from service.options import SessionOptions
 from service.outbox import Outbox, StreamEnd
 from service.pipeline import ResponseRun
 from service.runtime import Runtime
-from service.session import wire
 from service.session.ledger import PlaybackLedger
 from service.session.responder import Responder
 from service.session.speculation import Speculator
