@@ -1,11 +1,12 @@
 """Turn detection shared fairly: a few worker threads, served round robin between sessions.
 
-Voice activity and end-of-turn detection run models (Silero on every 32 ms window, ~0.1 ms;
-Smart Turn on every judged pause, ~55 ms of CPU) in a couple of worker threads that every session
-shares. Handing each audio message to a FIFO executor let one session hold the threads for as long
-as its message took: a client that sends long messages full of short pauses (semantic mode judges
-every pause) kept a server-VAD user's end of speech -> commit at 12.7 s p50 instead of ~0.4 s, and
-the reader of each stream waited for its own push, so the waiting grew with every message.
+Voice activity and end-of-turn detection run models (Silero on every 32 ms window, cheap; Smart
+Turn on every judged pause, a judgement costing tens of ms of CPU) in a couple of worker threads that
+every session shares. Handing each audio message to a FIFO executor let one session hold the threads
+for as long as its message took: a client that sends long messages full of short pauses (semantic
+mode judges every pause) delayed a server-VAD user's end of speech -> commit by seconds instead of
+a fraction of one (docs/limits-hardening.md has the figures), and the reader of each stream waited
+for its own push, so the waiting grew with every message.
 
 Here each session has one `TurnFeed`:
 
