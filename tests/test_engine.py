@@ -224,6 +224,13 @@ def test_a_speculative_row_pauses_itself_at_its_first_audio_and_promote_resumes_
     handle.promote()
     assert sink.wait().reason is EndReason.END_OF_TURN
     assert len([i for i in sink.items if isinstance(i, AudioFrame)]) == 21  # 20 frames and the end of audio
+    chunk = StepCollector()  # holding once the first chunk's frames are there (the pipeline asks for its stride)
+    handle = engine.submit(_request(engine.open(""), "#frames=20 guess", speculative=True, hold_at_frames=3), chunk)
+    while not handle.paused and time.monotonic() < deadline + 5:
+        time.sleep(0.005)
+    time.sleep(0.1)
+    assert len([i for i in chunk.items if isinstance(i, AudioFrame)]) == 3 and handle.paused
+    handle.abort()
 
 
 def test_a_committed_turn_takes_a_paused_speculations_place(engines: list[Scheduler]) -> None:

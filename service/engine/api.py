@@ -98,6 +98,9 @@ class GenerationRequest:
     # whose request it is (a session's id): the scheduler shares the model
     # round robin across owners and caps what one owner may queue
     owner: str = ""
+    # a speculative request pauses itself once it generated this many audio frames: what the
+    # first audio chunk needs, so that a commit releases audio at once
+    hold_at_frames: int = 1
 
     @property
     def priority(self) -> Priority:

@@ -493,8 +493,8 @@ class Scheduler(Engine):
                     continue
                 if isinstance(out.item, AudioFrame) and not is_end_of_audio(out.item.codes):
                     row.audio_frames += 1
-                    if row.audio_frames == 1:
-                        row.handle.hold_speculation()  # a speculation goes no further than its first audio
+                    if row.audio_frames == row.request.hold_at_frames:
+                        row.handle.hold_speculation()  # a speculation goes no further than its first chunk
             if out.end is not None or out.error is not None:
                 self._finish(row, out.end, out.error)
 

@@ -199,6 +199,7 @@ class ResponseRun:
             self._sampling,
             speculative=self.speculative,
             owner=self._owner,
+            hold_at_frames=self._policy.stride(0),  # a speculation holds once its first chunk can be decoded
         )
         self._handle = self._engine.submit(request, _LoopSink(loop, self))
         if self.stopping:
