@@ -7,7 +7,9 @@ the client, or a barge-in while the client still plays a finished response,
 cuts the response in the history to that. Cuts are engine edits applied in
 order with generation and acknowledged with `ResponseTruncated` (or an error
 when the response is no longer the latest). A truncation of the response still
-generating waits for its end (the latest one wins).
+generating waits for its end (the latest one wins), and cuts of one response
+not applied yet replace each other: a flood of them is one engine edit and one
+acknowledgement at a time.
 """
 
 from __future__ import annotations
@@ -22,6 +24,17 @@ from service.errors import FailedPrecondition, InvalidArgument
 from service.events import PlaybackInterrupted, ResponseTruncated
 from service.session.speculation import Speculator
 from service.session.stream import Stream
+
+
+class _Cut:
+    """A truncation queued in the engine; later cuts of the same response replace its frame count."""
+
+    def __init__(self, response_id: str, kept_frames: int, required: bool) -> None:
+        self.response_id, self.kept_frames, self.required = response_id, kept_frames, required
+        self.future: concurrent.futures.Future[AssistantTurn | None] = concurrent.futures.Future()
+
+    def apply(self, conversation: Conversation) -> AssistantTurn | None:  # on the engine thread
+        return conversation.truncate_response(self.kept_frames)
 
 
 @dataclass
@@ -40,6 +53,7 @@ class PlaybackLedger:
         self._generating = ""  # the response being generated and sent, if any
         self._playback = _Playback()
         self._pending: tuple[str, int] | None = None  # a truncation of the response still generating
+        self._cut: _Cut | None = None  # the latest truncation sent to the engine
 
     # -- what the responder reports ------------------------------------------------
     def response_started(self, response_id: str) -> None:
@@ -87,23 +101,25 @@ class PlaybackLedger:
         """Cut the latest response to what was heard, in the engine's order (a
         speculative response waits for it, see `Speculator.edit_history`);
         acknowledge with ResponseTruncated (or an error when it is too late)."""
-        self._speculation.edit_history(lambda: self._cut(response_id, played_ms, required))
+        self._speculation.edit_history(lambda: self._send_cut(response_id, played_ms, required))
 
-    def _cut(self, response_id: str, played_ms: int, required: bool) -> None:
+    def _send_cut(self, response_id: str, played_ms: int, required: bool) -> None:
         kept_frames = -(-played_ms // FRAME_MS)  # frames that were at least partly heard
-
-        def cut(conversation: Conversation) -> AssistantTurn | None:
-            return conversation.truncate_response(kept_frames)
-
+        cut = self._cut
+        if cut is not None and cut.response_id == response_id and not cut.future.done():
+            # a cut of this response is queued and not applied yet: this one replaces it
+            # (one engine edit and one acknowledgement, of what was applied, for a flood)
+            cut.kept_frames, cut.required = kept_frames, cut.required or required
+            return
         stream = self._stream
-        # truncations of one response not applied yet collapse into the latest (the engine caps edits)
-        future = stream.engine.edit(stream.conversation, cut, coalesce=f"truncate:{response_id}")
-        stream.spawn(self._acknowledge(response_id, future, required), "truncate")
+        cut = _Cut(response_id, kept_frames, required)
+        cut.future = stream.engine.edit(stream.conversation, cut.apply, coalesce=f"truncate:{response_id}")
+        self._cut = cut
+        stream.spawn(self._acknowledge(cut), "truncate")
 
-    async def _acknowledge(
-        self, response_id: str, future: concurrent.futures.Future[AssistantTurn | None], required: bool
-    ) -> None:
-        kept = await asyncio.wrap_future(future)
+    async def _acknowledge(self, cut: _Cut) -> None:
+        kept = await asyncio.wrap_future(cut.future)
+        response_id, required = cut.response_id, cut.required
         if kept is None:
             if required:
                 self._stream.error(_stale_truncate(response_id))
