@@ -333,6 +333,19 @@ def test_a_speculation_runs_on_a_fork_that_an_abort_or_a_trunk_edit_drops(engine
     handle = engine.submit(_request(conversation, "kept #frames=3", speculative=True), promoted)
     handle.promote()  # committed: the fork is the conversation from now on
     assert promoted.wait().reason is EndReason.END_OF_TURN
+    trunk = engine.edit(conversation, lambda c: list(c.history)).result(5)  # type: ignore[attr-defined]
+    assert len(trunk) > len(seen)
+
+    # one that ends by itself before its commit (it never reached its hold) stays undecided:
+    # the next operation drops it, unless a promote() adopted it first
+    ended = StepCollector()
+    engine.submit(_request(conversation, "short #frames=2", speculative=True, hold_at_frames=99), ended)
+    assert ended.wait().reason is EndReason.END_OF_TURN
+    assert engine.edit(conversation, lambda c: list(c.history)).result(5) == trunk  # type: ignore[attr-defined]
+    ended = StepCollector()
+    handle = engine.submit(_request(conversation, "short #frames=2", speculative=True, hold_at_frames=99), ended)
+    assert ended.wait().reason is EndReason.END_OF_TURN
+    handle.promote()
     assert len(engine.edit(conversation, lambda c: list(c.history)).result(5)) > len(trunk)  # type: ignore[attr-defined]
 
 

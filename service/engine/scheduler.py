@@ -110,6 +110,7 @@ class _Lane:
     busy: bool = False
     error: BaseException | None = None  # the conversation could not be created
     row: Row | None = None  # its request holding a place (or suspended)
+    fork: tuple[RequestHandle, object] | None = None  # a speculation that ended by itself, not yet adopted
 
 
 class _Waiting:
@@ -505,6 +506,7 @@ class Scheduler(Engine):
             if lane.busy and fork is not None and any(op.kind == "edit" for op in lane.ops):
                 fork.handle.drop_speculation()  # an edit to the trunk drops a live fork; it applies after
             while lane.ops and not lane.busy:
+                self._settle_fork(lane)
                 op = lane.ops.popleft()
                 if op.kind == "edit":
                     self._apply_edit(lane, op)
@@ -661,24 +663,39 @@ class Scheduler(Engine):
         self._end(row, reason, error)
 
     def _end(self, row: Row, reason: EndReason | None, error: BaseException | None) -> None:
-        if row.fork is not None and row.handle.priority is Priority.SPECULATIVE and reason is not EndReason.END_OF_TURN:
-            # a speculation stopped before its commit: drop the fork, the conversation is its trunk again
-            # (one that ended by itself is kept: the session commits or undoes it)
-            try:
-                with self.runner.editing():
-                    row.state.restore(row.fork)
-            except Exception:  # noqa: BLE001 - the sink must still hear its end
-                log.exception("cannot drop the fork of %r", row)
+        lane = self._lanes.get(row.ref.id)
+        if row.fork is not None and row.handle.priority is Priority.SPECULATIVE:
+            if lane is not None and error is None and reason in (EndReason.END_OF_TURN, EndReason.MAX_TOKENS):
+                # it ended by itself before its commit: undecided until a promote() adopts it or
+                # the next operation on the conversation finds it still speculative and drops it
+                lane.fork = (row.handle, row.fork)
+            else:  # stopped or failed before its commit: the conversation is its trunk again
+                self._drop_fork(row.state, row.fork)
             row.fork = None
         try:
             row.sink.finished(reason, error)
         except Exception:  # noqa: BLE001 - a sink's failure must not stop the engine
             log.exception("sink failed")
-        lane = self._lanes.get(row.ref.id)
         if lane is not None:
             lane.row = None
             self._lane_free(lane)
         self.stats.running = len(self._prefilling) + len(self._decoding)
+
+    def _drop_fork(self, state: Conversation, fork: object) -> None:
+        try:
+            with self.runner.editing():
+                state.restore(fork)
+        except Exception:  # noqa: BLE001 - the request's sink must still hear its end
+            log.exception("cannot drop a speculation's fork")
+
+    def _settle_fork(self, lane: _Lane) -> None:
+        """Before the next operation on a conversation: adopt an ended speculation that was
+        promoted, drop one that was not (the operation applies to the trunk)."""
+        if lane.fork is None:
+            return
+        (handle, fork), lane.fork = lane.fork, None
+        if handle.priority is Priority.SPECULATIVE and lane.ref.state is not None:
+            self._drop_fork(lane.ref.state, fork)
 
     def _lane_free(self, lane: _Lane) -> None:
         lane.busy = False
