@@ -264,6 +264,8 @@ class Backend(ABC):
     name: str = ""
     #: prefix-cache counters; backends without a prefix cache keep this shared, never-incremented one
     cache_stats: CacheStats = CacheStats()
+    #: conversations implement `snapshot`/`restore`, so the engine can run a speculation on a fork
+    can_undo: bool = False
 
     @property
     def model_id(self) -> str:

@@ -514,6 +514,7 @@ class LFM2Backend(Backend):
     """LFM2-Audio / LFM2.5-Audio weights shared by every conversation."""
 
     name = "lfm2"
+    can_undo = True
 
     def __init__(
         self,

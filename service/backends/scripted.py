@@ -225,6 +225,7 @@ class ScriptedBackend(Backend):
     """Deterministic backend for tests, demos and benchmarks."""
 
     name = "scripted"
+    can_undo = True
 
     def __init__(
         self,

@@ -16,7 +16,6 @@ from collections.abc import Callable
 
 import numpy as np
 
-from service.backends.base import Conversation
 from service.config import Settings
 from service.errors import ServiceError, Unavailable
 from service.events import (
@@ -145,9 +144,7 @@ class Responder:
             speculation.discards += 1
             speculation.settle(spec)
             return
-        try:
-            snapshot = await asyncio.wrap_future(stream.engine.edit(stream.conversation, Conversation.snapshot))
-        except NotImplementedError:
+        if not stream.engine.backend.can_undo:  # the engine runs a speculation on a fork it can drop
             log.info("%s: speculation off (the backend cannot undo a response)", stream.id, extra=stream.log_extra)
             speculation.turn_off(spec)
             if spec.user is not None:
@@ -167,9 +164,8 @@ class Responder:
             if self.current is run:
                 self.current = None
         if run.held:
-            # never committed: undo it as if it had not happened
+            # never committed: the engine drops its fork (stopped, or at the conversation's next operation)
             speculation.discards += 1
-            stream.edit(lambda c: c.restore(snapshot), "undo a speculative response")
             speculation.settle(spec)
             return
         assert spec.user is not None

@@ -2,16 +2,17 @@
 
 When turn detection sees the speech stop (`SpeechPaused`) and the session is
 idle, turn control starts a `Speculation`: the responder generates on the turn
-so far, with its events held back (`HeldOutput`) and the engine pausing it at
-its first audio. If the turn is committed with that very audio, the response
-is adopted: `turn_committed`, `response_started` and the held events go out at
-once. If the user speaks again first, the run is aborted, the history restored
-to its snapshot, and nothing of it was ever sent.
+so far, with its events held back (`HeldOutput`). The engine runs it on a fork
+of the conversation and pauses it once its first audio chunk can be decoded.
+If the turn is committed with that very audio, the response is adopted
+(`RequestHandle.promote`): `turn_committed`, `response_started` and the held
+events go out at once. If the user speaks again first, the run is aborted, the
+engine drops the fork, and nothing of it was ever sent.
 
-A history edit the client asks for meanwhile (a truncation) must not be undone
-with the speculation: `Speculator.edit_history` discards the speculation,
-applies the edit once the undo is queued, and starts the speculation again on
-the edited history.
+A history edit the client asks for meanwhile (a truncation) must apply to the
+history without the speculation: `Speculator.edit_history` discards the
+speculation, applies the edit after it (the engine drops the fork first), and
+starts the speculation again on the edited history.
 """
 
 from __future__ import annotations
