@@ -63,7 +63,16 @@ def main(kind: str, target: str) -> None:
     print("attacking", flush=True)
     if kind == "never-read":
         time.sleep(3600)
-    threads = [threading.Thread(target=lambda c=call: [None for _ in c], daemon=True) for call in calls]
+    def keep_attacking(call: grpc.Call) -> None:
+        while True:  # the server may end a stream it finds abusive (e.g. acknowledgements it cannot send): again
+            try:
+                for _ in call:
+                    pass
+            except grpc.RpcError:
+                pass
+            call = stub.Converse(ATTACKS[kind]())
+
+    threads = [threading.Thread(target=keep_attacking, args=(call,), daemon=True) for call in calls]
     for thread in threads:
         thread.start()
     for thread in threads:
