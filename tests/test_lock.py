@@ -5,6 +5,7 @@ lock, the lock satisfies pyproject.toml, and every pin carries hashes.
 from __future__ import annotations
 
 import re
+import sysconfig
 import tomllib
 from importlib import metadata
 from pathlib import Path
@@ -27,7 +28,9 @@ def pins() -> dict[str, str]:
 
 def test_the_venv_holds_exactly_the_lock() -> None:
     locked = pins()
-    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    # the venv's own site-packages: not what other tests may have put on sys.path (setuptools' vendored copies)
+    paths = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions(path=paths)}
     installed.pop("voicechat")  # this project, installed editable
     for name in SEED - locked.keys():
         installed.pop(name, None)
