@@ -7,7 +7,7 @@ it terminates TLS on one stable `*.modal.run` address, forwards every gRPC call
 (one HTTP/2 stream; a whole `Converse` conversation is one call) to a container
 over HTTP/2, and adds or removes containers from the number of calls in flight.
 
-Commands, from the repository root (the README's "Deploy to Modal" section explains each one):
+Commands, from the repository root (docs/deploy-modal.md explains each one):
 
     modal run deploy/modal_app.py --action download   # weights into the Volume, once
     modal deploy deploy/modal_app.py                   # build the image, start serving
@@ -49,7 +49,7 @@ AUTH_SECRET_KEY = "VOICECHAT_AUTH_TOKEN"  # Settings.auth_token
 GPU = "H100"
 PORT = 50051
 # Prometheus metrics inside the container only: Modal routes nothing but PORT to
-# a Server, so this is read with `modal container exec` (README, "Metrics").
+# a Server, so this is read with `modal container exec` (docs/deploy-modal.md, "Metrics on Modal").
 METRICS_PORT = 9090
 PYTHON_VERSION = "3.12"
 CPU_CORES = 4.0  # gRPC, voice activity detection and resampling run on the CPU per stream
@@ -58,7 +58,7 @@ WEIGHTS_DIR = "/weights"
 HF_HOME = f"{WEIGHTS_DIR}/huggingface"  # the Hugging Face cache lives on the Volume
 LOCAL_PACKAGES = ("service", "voicechat")  # the server and its generated stubs
 
-# -- scaling (README, "Deploy to Modal" / "Settings and why", has the reasoning) ---------
+# -- scaling (docs/deploy-modal.md, "Settings and why", has the reasoning) ---------
 TARGET_CONCURRENCY = 4  # conversations per H100 the autoscaler aims for
 MAX_CONCURRENCY = 8  # hard cap per container; the proxy answers 429 (gRPC UNAVAILABLE) beyond
 MIN_CONTAINERS = 1  # one warm H100 at all times: no cold start for the first caller
@@ -117,7 +117,7 @@ ops = modal.App(OPS_APP_NAME)
     env={**SERVER_ENV},  # a copy: Modal types the values as optional
     port=PORT,
     h2_enabled=True,  # gRPC needs HTTP/2 end to end; the container speaks h2c
-    unauthenticated=True,  # the service checks its own bearer token (see README)
+    unauthenticated=True,  # the service checks its own bearer token (docs/deploy-modal.md, "Authentication")
     target_concurrency=TARGET_CONCURRENCY,
     max_concurrency=MAX_CONCURRENCY,
     min_containers=MIN_CONTAINERS,

@@ -30,8 +30,8 @@ from service.backends.base import (
     is_end_of_audio,
 )
 from service.config import Settings
-from service.engine.api import Engine, GenerationRequest, UserTurn
-from service.errors import Internal, InvalidArgument
+from service.engine.api import Engine, EngineBusy, GenerationRequest, UserTurn
+from service.errors import Internal, InvalidArgument, ResourceExhausted
 from service.options import check_system_prompt, resolve_sampling
 from voicechat.v1 import voicechat_pb2 as pb
 
@@ -96,6 +96,8 @@ async def generate_once(
             raise
     finally:
         engine.release(conversation)
+    if isinstance(error, EngineBusy):  # refused by the engine's caps or its wait bound
+        raise ResourceExhausted(f"the model is busy: {error}; retry later")
     if error is not None:
         log.error("one-shot %s generation failed", mode.value, exc_info=error)
         raise Internal(f"generation failed: {type(error).__name__}")

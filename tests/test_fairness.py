@@ -169,3 +169,28 @@ async def test_held_speculations_do_not_keep_a_committed_turn_out(start_server: 
     print(f"\nheld speculations: typed turn -> first audio quiet p50 {statistics.median(quiet):.0f} ms; "
           f"with the batch full of paused speculations p50 {statistics.median(attacked):.0f} ms")  # fmt: skip
     assert statistics.median(attacked) < statistics.median(quiet) + MARGIN_MS
+
+
+async def test_a_wait_past_the_bound_says_the_model_is_busy(start_server: StartServer) -> None:
+    """The one place is held: a Generate that waits longer than --max-queue-wait-s gets
+    RESOURCE_EXHAUSTED, and a Converse turn a failed response saying the model is busy."""
+    running = await start_server(scripted_step_ms=STEP_MS, max_batch=1, max_queue_wait_s=0.3, preempt_after_s=0)
+    holder, queue = open_stream(running.stub, manual_config())
+    await queue.put(text("#frames=3000 hold the only place"))
+    events = holder.__aiter__()
+    while (await asyncio.wait_for(events.__anext__(), 10)).WhichOneof("event") != "audio_chunk":
+        pass
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await running.stub.Generate(pb.GenerateRequest(text="hello"), timeout=10)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "busy" in info.value.details()
+        call, other = open_stream(running.stub, manual_config())
+        await other.put(text("me too"))
+        async for event in call:
+            if event.WhichOneof("event") == "response_ended":
+                assert event.response_ended.status == pb.RESPONSE_STATUS_FAILED
+                assert "the model is busy" in event.response_ended.reason
+                break
+        call.cancel()
+    finally:
+        holder.cancel()

@@ -14,8 +14,9 @@ One engine thread owns every conversation's model state and, each iteration:
 3. asks the runner to prefill admitted rows (a budget of positions while rows
    decode, so a long turn delays the others by about one step per iteration);
 4. asks the runner for one step of every decoding row that is not paused, and
-   delivers each row's step to its sink. A speculative row pauses itself at its
-   first audio frame; `RequestHandle.promote()` makes it a committed turn.
+   delivers each row's step to its sink. A speculative row runs on a fork of its
+   conversation and pauses itself once the frames of its first audio chunk exist
+   (`hold_at_frames`); `RequestHandle.promote()` makes it a committed turn.
 
 Caps, each with its policy (nothing a client does grows the engine's queues):
 * edits per conversation: `max_pending_edits` queued at once, beyond which an
