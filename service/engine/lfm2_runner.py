@@ -258,7 +258,8 @@ class LFM2Runner(Runner):
     def step(self, rows: list[Row]) -> list[StepOut]:
         started = time.perf_counter()
         failed = self._forward(rows)
-        outs = failed + self._sample([row for row in rows if row not in {out.row for out in failed}])
+        failed_rows = {out.row for out in failed}
+        outs = failed + self._sample([row for row in rows if row not in failed_rows])
         self.step_ms.add((time.perf_counter() - started) * 1000)  # ends after `_sample`'s one wait for the device
         return outs
 
